@@ -1,0 +1,11 @@
+"""Key-value cache: storage (``entry``) and the whole-model cache (``cache``)."""
+
+from kvlens.cache.cache import HookedTransformerKeyValueCache, KeyValueCache
+from kvlens.cache.entry import HookedTransformerKeyValueCacheEntry, KeyValueCacheEntry
+
+__all__ = [
+    "HookedTransformerKeyValueCache",
+    "HookedTransformerKeyValueCacheEntry",
+    "KeyValueCache",
+    "KeyValueCacheEntry",
+]

@@ -1,0 +1,221 @@
+"""The whole model's key-value cache: one entry per layer plus the attention mask so far."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+
+from kvlens.cache.entry import KeyValueCacheEntry, _grown_capacity
+from kvlens.config import ModelConfig
+from kvlens.devices import get_device_for_block_index
+
+MASK_DTYPE = torch.int
+
+
+class KeyValueCache:
+    """Past keys and values of every layer, and the attention mask of the positions so far.
+
+    Compatible with TransformerLens's ``HookedTransformerKeyValueCache``: ``entries``,
+    ``cache[i]``, ``previous_attention_mask``, ``frozen``, ``freeze()``, ``unfreeze()`` and
+    ``append_attention_mask(mask)`` keep their names and meanings. Pass it to a model as
+    ``model(tokens, past_kv_cache=cache)``; each block reads and writes its own entry.
+
+    The attention mask lives in preallocated storage too (``[batch, capacity]``, int32), so a
+    decode step copies nothing but its own column.
+    """
+
+    def __init__(
+        self,
+        entries: list[KeyValueCacheEntry],
+        previous_attention_mask: Int[Tensor, "batch pos_so_far"] | None = None,
+        frozen: bool = False,
+    ) -> None:
+        """Wrap existing entries.
+
+        Args:
+            entries: One entry per layer, all with the same batch size.
+            previous_attention_mask: The mask of the positions so far, ``[batch, pos]``; default
+                all ones over the entries' committed length.
+            frozen: Whether ``append_attention_mask`` leaves the stored mask unchanged. Use
+                :meth:`freeze` to freeze the entries as well.
+        """
+        if not entries:
+            raise ValueError("entries must hold at least one KeyValueCacheEntry")
+        batch = entries[0].batch_size
+        for i, entry in enumerate(entries):
+            if entry.batch_size != batch:
+                raise ValueError(
+                    f"entries[{i}] has batch size {entry.batch_size}, entries[0] has {batch}"
+                )
+        self.entries = list(entries)
+        self.frozen = frozen
+        device = entries[0].device
+        if previous_attention_mask is None:
+            previous_attention_mask = torch.ones(
+                (batch, entries[0].length), dtype=MASK_DTYPE, device=device
+            )
+        self._check_mask(previous_attention_mask, "previous_attention_mask")
+        pos = previous_attention_mask.shape[1]
+        self._mask = torch.empty((batch, max(pos, entries[0].capacity)), dtype=MASK_DTYPE, device=device)
+        self._mask[:, :pos].copy_(previous_attention_mask)
+        self._mask_length = pos
+
+    @classmethod
+    def init_cache(
+        cls,
+        cfg: ModelConfig,
+        device: torch.device | str | None,
+        batch_size: int = 1,
+        capacity: int = 0,
+    ) -> KeyValueCache:
+        """An empty cache for ``cfg``: one entry per layer, each on its block's device.
+
+        Args:
+            cfg: The model's config.
+            device: The first device (see ``get_device_for_block_index``).
+            batch_size: Rows of the batch.
+            capacity: Positions to preallocate in every layer (e.g. prompt length plus new
+                tokens, so that generation never reallocates); the storage grows past it.
+        """
+        entries = [
+            KeyValueCacheEntry.init_cache_entry(
+                cfg, get_device_for_block_index(i, cfg, device), batch_size, capacity
+            )
+            for i in range(cfg.n_layers)
+        ]
+        mask = torch.empty((batch_size, 0), dtype=MASK_DTYPE, device=entries[0].device)
+        return cls(entries, mask)
+
+    # TransformerLens's contract ------------------------------------------------------------------
+
+    @property
+    def previous_attention_mask(self) -> Int[Tensor, "batch pos_so_far"]:
+        """The stored attention mask: a view of the storage, not a copy."""
+        return self._mask[:, : self._mask_length]
+
+    @previous_attention_mask.setter
+    def previous_attention_mask(self, mask: Tensor) -> None:
+        self._check_mask(mask, "previous_attention_mask")
+        pos = mask.shape[1]
+        self._reserve_mask(pos)
+        self._mask[:, :pos].copy_(mask)
+        self._mask_length = pos
+
+    def freeze(self) -> None:
+        """Freeze the cache and every entry: forward passes read it but do not extend it."""
+        self.frozen = True
+        for entry in self.entries:
+            entry.frozen = True
+
+    def unfreeze(self) -> None:
+        """Unfreeze the cache and every entry."""
+        self.frozen = False
+        for entry in self.entries:
+            entry.frozen = False
+
+    def append_attention_mask(
+        self, attention_mask: Int[Tensor, "batch new_tokens"]
+    ) -> Int[Tensor, "batch pos_so_far_plus_new"]:
+        """Write the new tokens' mask after the stored one and return the full mask.
+
+        The mask is moved to the cache's device and stored as int32; the stored length advances
+        unless the cache is frozen. A mask of the wrong rank or batch size raises before anything
+        is written.
+        """
+        self._check_mask(attention_mask, "attention_mask")
+        start = self._mask_length
+        end = start + attention_mask.shape[1]
+        self._reserve_mask(end)
+        self._mask[:, start:end].copy_(attention_mask)
+        if not self.frozen:
+            self._mask_length = end
+        return self._mask[:, :end]
+
+    def __getitem__(self, idx: int) -> KeyValueCacheEntry:
+        return self.entries[idx]
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __iter__(self) -> Iterator[KeyValueCacheEntry]:
+        return iter(self.entries)
+
+    # Facts ------------------------------------------------------------------------------------
+
+    @property
+    def seq_len(self) -> int:
+        """Committed positions (of the first layer; all layers agree after a forward pass)."""
+        return self.entries[0].length
+
+    @property
+    def batch_size(self) -> int:
+        return self.entries[0].batch_size
+
+    @property
+    def capacity(self) -> int:
+        """Positions every layer holds before it must grow."""
+        return min(entry.capacity for entry in self.entries)
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the attention mask and of the first layer."""
+        return self._mask.device
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by all storage, used or not."""
+        return sum(entry.nbytes for entry in self.entries) + self._mask.nbytes
+
+    @property
+    def nbytes_used(self) -> int:
+        """Bytes of the committed positions."""
+        used = 0
+        for entry in self.entries:
+            used += 2 * entry.batch_size * entry.n_kv_heads * entry.length * entry.d_head * (
+                entry._keys.element_size()
+            )
+        return used + self.batch_size * self._mask_length * self._mask.element_size()
+
+    def reserve(self, capacity: int) -> None:
+        """Preallocate ``capacity`` positions in every layer and in the mask."""
+        for entry in self.entries:
+            entry.reserve(capacity)
+        self._reserve_mask(capacity)
+
+    def __repr__(self) -> str:
+        return (
+            f"KeyValueCache(layers={len(self.entries)}, batch={self.batch_size}, "
+            f"seq_len={self.seq_len}, capacity={self.capacity}, frozen={self.frozen})"
+        )
+
+    # Internals --------------------------------------------------------------------------------
+
+    def _reserve_mask(self, capacity: int) -> None:
+        if capacity <= self._mask.shape[1]:
+            return
+        grown = torch.empty(
+            (self._mask.shape[0], _grown_capacity(self._mask.shape[1], capacity)),
+            dtype=MASK_DTYPE,
+            device=self._mask.device,
+        )
+        grown[:, : self._mask_length].copy_(self._mask[:, : self._mask_length])
+        self._mask = grown
+
+    def _check_mask(self, mask: Tensor, name: str) -> None:
+        if not isinstance(mask, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(mask).__name__}")
+        if mask.ndim != 2:
+            raise ValueError(f"{name} must be 2-D [batch, pos], got shape {tuple(mask.shape)}")
+        if mask.is_floating_point() or mask.is_complex():
+            raise TypeError(f"{name} must hold integers or booleans, got {mask.dtype}")
+        if mask.shape[0] != self.batch_size:
+            raise ValueError(
+                f"{name} has batch size {mask.shape[0]}, this cache stores {self.batch_size}"
+            )
+
+
+# TransformerLens's name for the same thing.
+HookedTransformerKeyValueCache = KeyValueCache

@@ -1,0 +1,192 @@
+"""The typed, frozen configuration every kvlens module reads."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+ActFn = Literal["gelu", "gelu_new", "gelu_pytorch_tanh", "silu", "relu"]
+NormType = Literal["LN", "RMS"]
+PositionalEmbeddingType = Literal["standard", "rotary"]
+
+_ACT_FNS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "silu", "relu")
+_NORMS = ("LN", "RMS")
+_POS_TYPES = ("standard", "rotary")
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape and architecture of a causal transformer.
+
+    Field names follow TransformerLens's ``HookedTransformerConfig`` so that code written for it
+    reads the same here. The dataclass is frozen: derive a variant with
+    :func:`dataclasses.replace` (or :meth:`replace`).
+
+    Attributes:
+        n_layers: Number of transformer blocks.
+        d_model: Width of the residual stream.
+        n_heads: Number of query heads.
+        d_head: Width of one attention head.
+        n_ctx: Longest sequence the model supports (positions ``0 .. n_ctx - 1``).
+        d_vocab: Vocabulary size (rows of the embedding, columns of the unembedding).
+        d_mlp: Hidden width of the MLP. ``None`` means ``4 * d_model``.
+        n_key_value_heads: Key/value heads for grouped- or multi-query attention; ``None`` means
+            as many as ``n_heads`` (multi-head attention).
+        act_fn: MLP activation.
+        normalization_type: ``"LN"`` (LayerNorm with bias) or ``"RMS"`` (RMSNorm).
+        eps: Epsilon of the normalization layers.
+        positional_embedding_type: ``"standard"`` (learned absolute) or ``"rotary"``.
+        rotary_dim: Dimensions of each head that rotary rotates (``None``: all of ``d_head``).
+        rotary_base: Base (theta) of the rotary frequencies.
+        rotary_adjacent_pairs: ``True`` rotates adjacent pairs ``(0, 1), (2, 3), ...``
+            (GPT-J style); ``False`` rotates ``(i, i + rotary_dim / 2)`` (GPT-NeoX / Llama style).
+        gated_mlp: ``act(x W_gate) * (x W_in)`` then ``W_out`` (Llama) instead of a plain MLP.
+        parallel_attn_mlp: Attention and MLP read the same residual and add in parallel (GPT-NeoX).
+        attn_qkv_bias: Query, key and value projections have a bias (GPT-2, NeoX, Qwen2).
+        attn_out_bias: The attention output projection has a bias.
+        mlp_bias: The MLP projections have biases.
+        unembed_bias: The unembedding has a bias.
+        final_norm: A normalization before the unembedding.
+        dtype: Dtype of the weights and of the key-value cache.
+        device: Device of the weights (``None``: torch's default).
+        n_devices: Devices the blocks are split over (see ``get_device_for_block_index``).
+        model_name: A label for messages and cache fingerprints.
+        original_architecture: The architecture the weights came from (e.g. ``"LlamaForCausalLM"``).
+        default_prepend_bos: Whether tokenization prepends BOS unless told otherwise.
+    """
+
+    n_layers: int
+    d_model: int
+    n_heads: int
+    d_head: int
+    n_ctx: int
+    d_vocab: int
+    d_mlp: int | None = None
+    n_key_value_heads: int | None = None
+    act_fn: ActFn = "gelu_new"
+    normalization_type: NormType = "LN"
+    eps: float = 1e-5
+    positional_embedding_type: PositionalEmbeddingType = "standard"
+    rotary_dim: int | None = None
+    rotary_base: float = 10000.0
+    rotary_adjacent_pairs: bool = False
+    gated_mlp: bool = False
+    parallel_attn_mlp: bool = False
+    attn_qkv_bias: bool = True
+    attn_out_bias: bool = True
+    mlp_bias: bool = True
+    unembed_bias: bool = False
+    final_norm: bool = True
+    dtype: torch.dtype = torch.float32
+    device: str | None = None
+    n_devices: int = 1
+    model_name: str = "custom"
+    original_architecture: str | None = None
+    default_prepend_bos: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("n_layers", "d_model", "n_heads", "d_head", "n_ctx", "d_vocab", "n_devices"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"ModelConfig.{name} must be a positive int, got {value!r}")
+        if self.d_mlp is not None and (not isinstance(self.d_mlp, int) or self.d_mlp < 1):
+            raise ValueError(f"ModelConfig.d_mlp must be a positive int or None, got {self.d_mlp!r}")
+        kv = self.n_key_value_heads
+        if kv is not None and (not isinstance(kv, int) or kv < 1 or self.n_heads % kv != 0):
+            raise ValueError(
+                "ModelConfig.n_key_value_heads must be a positive divisor of n_heads="
+                f"{self.n_heads} or None, got {kv!r}"
+            )
+        if self.act_fn not in _ACT_FNS:
+            raise ValueError(f"ModelConfig.act_fn must be one of {_ACT_FNS}, got {self.act_fn!r}")
+        if self.normalization_type not in _NORMS:
+            raise ValueError(
+                f"ModelConfig.normalization_type must be one of {_NORMS}, "
+                f"got {self.normalization_type!r}"
+            )
+        if self.positional_embedding_type not in _POS_TYPES:
+            raise ValueError(
+                f"ModelConfig.positional_embedding_type must be one of {_POS_TYPES}, "
+                f"got {self.positional_embedding_type!r}"
+            )
+        rd = self.rotary_dim
+        if rd is not None and (not isinstance(rd, int) or rd < 2 or rd > self.d_head or rd % 2):
+            raise ValueError(
+                f"ModelConfig.rotary_dim must be an even int in [2, d_head={self.d_head}] or None, "
+                f"got {rd!r}"
+            )
+        if not self.eps > 0:
+            raise ValueError(f"ModelConfig.eps must be > 0, got {self.eps!r}")
+        if not self.rotary_base > 0:
+            raise ValueError(f"ModelConfig.rotary_base must be > 0, got {self.rotary_base!r}")
+        if self.dtype not in _FLOAT_DTYPES:
+            raise ValueError(
+                f"ModelConfig.dtype must be one of {_FLOAT_DTYPES}, got {self.dtype!r}"
+            )
+
+    # Derived values ---------------------------------------------------------------------------
+
+    @property
+    def n_kv_heads(self) -> int:
+        """Key/value heads actually stored: ``n_key_value_heads`` or ``n_heads``."""
+        return self.n_key_value_heads if self.n_key_value_heads is not None else self.n_heads
+
+    @property
+    def d_mlp_resolved(self) -> int:
+        """The MLP width, ``4 * d_model`` when ``d_mlp`` is None."""
+        return self.d_mlp if self.d_mlp is not None else 4 * self.d_model
+
+    @property
+    def rotary_dim_resolved(self) -> int:
+        """Dimensions of each head that rotary rotates."""
+        return self.rotary_dim if self.rotary_dim is not None else self.d_head
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Bytes the key-value cache holds per token per batch row, all layers together."""
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * self.n_layers * self.n_kv_heads * self.d_head * itemsize
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable fields (dtype as its name, e.g. ``"float32"``)."""
+        out = dataclasses.asdict(self)
+        out["dtype"] = str(self.dtype).removeprefix("torch.")
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        """Inverse of :meth:`to_dict`; unknown keys raise ``ValueError``."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown ModelConfig fields {unknown}; known: {sorted(known)}")
+        data = dict(data)
+        if isinstance(data.get("dtype"), str):
+            data["dtype"] = getattr(torch, data["dtype"])
+        return cls(**data)
+
+    def fingerprint(self) -> str:
+        """A short hash of the fields that decide the cache's layout and meaning.
+
+        Device, ``n_devices`` and tokenization defaults are left out: a cache made on one device
+        is valid on another.
+        """
+        fields = self.to_dict()
+        for name in ("device", "n_devices", "default_prepend_bos"):
+            fields.pop(name)
+        blob = json.dumps(fields, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# TransformerLens's name for the same thing.
+HookedTransformerConfig = ModelConfig
