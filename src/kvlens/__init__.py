@@ -19,12 +19,14 @@ from kvlens.cache import (
 from kvlens.config import HookedTransformerConfig, ModelConfig
 from kvlens.devices import get_device_for_block_index
 from kvlens.hooks import ActivationCache, HookPoint, get_act_name
+from kvlens.model import HookedTransformer
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ActivationCache",
     "HookPoint",
+    "HookedTransformer",
     "HookedTransformerConfig",
     "HookedTransformerKeyValueCache",
     "HookedTransformerKeyValueCacheEntry",

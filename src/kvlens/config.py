@@ -93,12 +93,14 @@ class ModelConfig:
     def __post_init__(self) -> None:
         for name in ("n_layers", "d_model", "n_heads", "d_head", "n_ctx", "d_vocab", "n_devices"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not _is_int(value) or value < 1:
                 raise ValueError(f"ModelConfig.{name} must be a positive int, got {value!r}")
-        if self.d_mlp is not None and (not isinstance(self.d_mlp, int) or self.d_mlp < 1):
-            raise ValueError(f"ModelConfig.d_mlp must be a positive int or None, got {self.d_mlp!r}")
+        if self.d_mlp is not None and (not _is_int(self.d_mlp) or self.d_mlp < 1):
+            raise ValueError(
+                f"ModelConfig.d_mlp must be a positive int or None, got {self.d_mlp!r}"
+            )
         kv = self.n_key_value_heads
-        if kv is not None and (not isinstance(kv, int) or kv < 1 or self.n_heads % kv != 0):
+        if kv is not None and (not _is_int(kv) or kv < 1 or self.n_heads % kv != 0):
             raise ValueError(
                 "ModelConfig.n_key_value_heads must be a positive divisor of n_heads="
                 f"{self.n_heads} or None, got {kv!r}"
@@ -116,15 +118,16 @@ class ModelConfig:
                 f"got {self.positional_embedding_type!r}"
             )
         rd = self.rotary_dim
-        if rd is not None and (not isinstance(rd, int) or rd < 2 or rd > self.d_head or rd % 2):
+        if rd is not None and (not _is_int(rd) or rd < 2 or rd > self.d_head or rd % 2):
             raise ValueError(
                 f"ModelConfig.rotary_dim must be an even int in [2, d_head={self.d_head}] or None, "
                 f"got {rd!r}"
             )
-        if not self.eps > 0:
-            raise ValueError(f"ModelConfig.eps must be > 0, got {self.eps!r}")
-        if not self.rotary_base > 0:
-            raise ValueError(f"ModelConfig.rotary_base must be > 0, got {self.rotary_base!r}")
+        for name in ("eps", "rotary_base"):
+            value = getattr(self, name)
+            # `not value > 0` also rejects NaN.
+            if not _is_real(value) or not value > 0:
+                raise ValueError(f"ModelConfig.{name} must be a number > 0, got {value!r}")
         if self.dtype not in _FLOAT_DTYPES:
             raise ValueError(
                 f"ModelConfig.dtype must be one of {_FLOAT_DTYPES}, got {self.dtype!r}"
@@ -172,7 +175,8 @@ class ModelConfig:
             raise ValueError(f"unknown ModelConfig fields {unknown}; known: {sorted(known)}")
         data = dict(data)
         if isinstance(data.get("dtype"), str):
-            data["dtype"] = getattr(torch, data["dtype"])
+            # An unknown name stays a string, which __post_init__ rejects naming the field.
+            data["dtype"] = getattr(torch, data["dtype"], data["dtype"])
         return cls(**data)
 
     def fingerprint(self) -> str:
@@ -186,6 +190,15 @@ class ModelConfig:
             fields.pop(name)
         blob = json.dumps(fields, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _is_int(value: object) -> bool:
+    """An int that is not a bool (``True`` would otherwise pass as 1)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 # TransformerLens's name for the same thing.

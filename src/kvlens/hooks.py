@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Protocol, Union
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -17,7 +17,7 @@ class HookFn(Protocol):
     def __call__(self, tensor: Tensor, *, hook: HookPoint) -> Tensor | None: ...
 
 
-NameFilter = Union[str, Callable[[str], bool], Sequence[str], None]
+NameFilter = str | Callable[[str], bool] | Sequence[str] | None
 
 
 class HookPoint(nn.Module):
@@ -38,8 +38,10 @@ class HookPoint(nn.Module):
         """Whether any hook is attached (the attention uses it to choose its eager path)."""
         return bool(self._fns) or bool(self._forward_hooks)
 
-    def add_hook(self, fn: Callable[..., Any], is_permanent: bool = False, prepend: bool = False) -> None:
-        """Attach ``fn(tensor, hook=self)``; hooks run in order, each seeing the last one's output."""
+    def add_hook(
+        self, fn: Callable[..., Any], is_permanent: bool = False, prepend: bool = False
+    ) -> None:
+        """Attach ``fn(tensor, hook=self)``; hooks run in order, each sees the last output."""
         if not callable(fn):
             raise TypeError(f"hook for {self.name!r} must be callable, got {type(fn).__name__}")
         if prepend:

@@ -59,8 +59,8 @@ class KeyValueCache:
             )
         self._check_mask(previous_attention_mask, "previous_attention_mask")
         pos = previous_attention_mask.shape[1]
-        self._mask = torch.empty((batch, max(pos, entries[0].capacity)), dtype=MASK_DTYPE, device=device)
-        self._mask[:, :pos].copy_(previous_attention_mask)
+        capacity = max(pos, entries[0].capacity)
+        self._mask = _new_mask_storage(previous_attention_mask, capacity, device)
         self._mask_length = pos
 
     @classmethod
@@ -94,7 +94,7 @@ class KeyValueCache:
     @property
     def previous_attention_mask(self) -> Int[Tensor, "batch pos_so_far"]:
         """The stored attention mask: a view of the storage, not a copy."""
-        return self._mask[:, : self._mask_length]
+        return self._mask.narrow(1, 0, self._mask_length)
 
     @previous_attention_mask.setter
     def previous_attention_mask(self, mask: Tensor) -> None:
@@ -128,11 +128,12 @@ class KeyValueCache:
         self._check_mask(attention_mask, "attention_mask")
         start = self._mask_length
         end = start + attention_mask.shape[1]
-        self._reserve_mask(end)
-        self._mask[:, start:end].copy_(attention_mask)
+        if end > self._mask.shape[1]:
+            self._reserve_mask(end)
+        self._mask.narrow(1, start, end - start).copy_(attention_mask)
         if not self.frozen:
             self._mask_length = end
-        return self._mask[:, :end]
+        return self._mask.narrow(1, 0, end)
 
     def __getitem__(self, idx: int) -> KeyValueCacheEntry:
         return self.entries[idx]
@@ -174,9 +175,8 @@ class KeyValueCache:
         """Bytes of the committed positions."""
         used = 0
         for entry in self.entries:
-            used += 2 * entry.batch_size * entry.n_kv_heads * entry.length * entry.d_head * (
-                entry._keys.element_size()
-            )
+            per_position = entry.batch_size * entry.n_kv_heads * entry.d_head
+            used += 2 * per_position * entry.length * entry._keys.element_size()
         return used + self.batch_size * self._mask_length * self._mask.element_size()
 
     def reserve(self, capacity: int) -> None:
@@ -196,13 +196,8 @@ class KeyValueCache:
     def _reserve_mask(self, capacity: int) -> None:
         if capacity <= self._mask.shape[1]:
             return
-        grown = torch.empty(
-            (self._mask.shape[0], _grown_capacity(self._mask.shape[1], capacity)),
-            dtype=MASK_DTYPE,
-            device=self._mask.device,
-        )
-        grown[:, : self._mask_length].copy_(self._mask[:, : self._mask_length])
-        self._mask = grown
+        grown = _grown_capacity(self._mask.shape[1], capacity)
+        self._mask = _new_mask_storage(self.previous_attention_mask, grown, self._mask.device)
 
     def _check_mask(self, mask: Tensor, name: str) -> None:
         if not isinstance(mask, Tensor):
@@ -215,6 +210,21 @@ class KeyValueCache:
             raise ValueError(
                 f"{name} has batch size {mask.shape[0]}, this cache stores {self.batch_size}"
             )
+
+
+def _new_mask_storage(
+    contents: Int[Tensor, "batch pos"], capacity: int, device: torch.device
+) -> Int[Tensor, "batch capacity"]:
+    """``[batch, capacity]`` int32 storage on ``device`` holding ``contents`` first, zeros after.
+
+    A normal tensor even under ``torch.inference_mode``, like the entries' buffers, so that it can
+    still be written in place outside it.
+    """
+    batch, pos = contents.shape
+    with torch.inference_mode(False):
+        storage = torch.zeros((batch, capacity), dtype=MASK_DTYPE, device=device)
+        storage[:, :pos].copy_(contents)
+    return storage
 
 
 # TransformerLens's name for the same thing.

@@ -53,13 +53,26 @@ class KeyValueCacheEntry:
         capacity = pos if capacity is None else capacity
         if capacity < pos:
             raise ValueError(f"capacity must be >= the {pos} positions given, got {capacity}")
-        shape = (batch, heads, capacity, d_head)
-        self._keys = torch.empty(shape, dtype=past_keys.dtype, device=past_keys.device)
-        self._values = torch.empty(shape, dtype=past_keys.dtype, device=past_keys.device)
-        self._keys[:, :, :pos].copy_(past_keys.transpose(1, 2))
-        self._values[:, :, :pos].copy_(past_values.transpose(1, 2))
+        # Shape facts as plain ints: every append checks them, and at batch 1 the Python work
+        # around the write, not the write itself, is the cost of an append.
+        self._batch, self._heads, self._d_head = batch, heads, d_head
+        self._dtype = past_keys.dtype
+        self._device = past_keys.device
         self._length = pos
+        self._set_storage(
+            _new_storage(past_keys, self._batch, self._heads, capacity, self._d_head, pos),
+            _new_storage(past_values, self._batch, self._heads, capacity, self._d_head, pos),
+        )
         self.frozen = frozen
+
+    def _set_storage(self, keys: Tensor, values: Tensor) -> None:
+        """Install new buffers and the position-major views every read and write goes through."""
+        self._keys, self._values = keys, values
+        # [batch, capacity, kv_head, d_head] views of the same memory: TransformerLens's layout,
+        # built once here rather than with a transpose per read and per write.
+        self._keys_by_pos = keys.transpose(1, 2)
+        self._values_by_pos = values.transpose(1, 2)
+        self._capacity = keys.shape[2]
 
     @classmethod
     def init_cache_entry(
@@ -84,7 +97,8 @@ class KeyValueCacheEntry:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if capacity < 0:
             raise ValueError(f"capacity must be >= 0, got {capacity}")
-        empty = torch.empty((batch_size, 0, cfg.n_kv_heads, cfg.d_head), dtype=cfg.dtype, device=device)
+        shape = (batch_size, 0, cfg.n_kv_heads, cfg.d_head)
+        empty = torch.empty(shape, dtype=cfg.dtype, device=device)
         return cls(empty, empty, capacity=capacity)
 
     # Views ------------------------------------------------------------------------------------
@@ -92,7 +106,7 @@ class KeyValueCacheEntry:
     @property
     def past_keys(self) -> Float[Tensor, "batch pos_so_far kv_head d_head"]:
         """The committed keys: a view of the storage, not a copy."""
-        return self._keys[:, :, : self._length].transpose(1, 2)
+        return self._keys_by_pos.narrow(1, 0, self._length)
 
     @past_keys.setter
     def past_keys(self, keys: Tensor) -> None:
@@ -101,7 +115,7 @@ class KeyValueCacheEntry:
     @property
     def past_values(self) -> Float[Tensor, "batch pos_so_far kv_head d_head"]:
         """The committed values: a view of the storage, not a copy."""
-        return self._values[:, :, : self._length].transpose(1, 2)
+        return self._values_by_pos.narrow(1, 0, self._length)
 
     @past_values.setter
     def past_values(self, values: Tensor) -> None:
@@ -109,6 +123,8 @@ class KeyValueCacheEntry:
 
     def _overwrite(self, buffer: Tensor, new: Tensor, name: str) -> None:
         """Assigning ``past_keys``/``past_values`` writes into the storage (same shape only)."""
+        if not isinstance(new, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(new).__name__}")
         expected = (self.batch_size, self._length, self.n_kv_heads, self.d_head)
         if tuple(new.shape) != expected:
             raise ValueError(
@@ -128,28 +144,28 @@ class KeyValueCacheEntry:
 
     @property
     def batch_size(self) -> int:
-        return self._keys.shape[0]
+        return self._batch
 
     @property
     def n_kv_heads(self) -> int:
-        return self._keys.shape[1]
+        return self._heads
 
     @property
     def capacity(self) -> int:
         """Positions the storage holds before it must grow."""
-        return self._keys.shape[2]
+        return self._capacity
 
     @property
     def d_head(self) -> int:
-        return self._keys.shape[3]
+        return self._d_head
 
     @property
     def dtype(self) -> torch.dtype:
-        return self._keys.dtype
+        return self._dtype
 
     @property
     def device(self) -> torch.device:
-        return self._keys.device
+        return self._device
 
     @property
     def nbytes(self) -> int:
@@ -177,41 +193,45 @@ class KeyValueCacheEntry:
         self.check_new(new_keys, new_values)
         start = self._length
         end = start + new_keys.shape[1]
-        self.reserve(end)
-        self._keys[:, :, start:end].copy_(new_keys.transpose(1, 2))
-        self._values[:, :, start:end].copy_(new_values.transpose(1, 2))
+        if end > self._capacity:
+            self.reserve(end)
+        self._keys_by_pos.narrow(1, start, end - start).copy_(new_keys)
+        self._values_by_pos.narrow(1, start, end - start).copy_(new_values)
         if not self.frozen:
             self._length = end
-        keys = self._keys[:, :, :end].transpose(1, 2)
-        values = self._values[:, :, :end].transpose(1, 2)
-        return keys, values
+        return self._keys_by_pos.narrow(1, 0, end), self._values_by_pos.narrow(1, 0, end)
 
     def check_new(self, new_keys: Tensor, new_values: Tensor) -> None:
         """Raise ``ValueError``/``TypeError`` unless these can be appended to this entry."""
         _check_pair(new_keys, new_values, names=("new_keys", "new_values"))
         batch, _, heads, d_head = new_keys.shape
-        if batch != self.batch_size:
+        if batch != self._batch:
             raise ValueError(
-                f"new_keys has batch size {batch}, this cache entry stores {self.batch_size}"
+                f"new_keys has batch size {batch}, this cache entry stores {self._batch}"
             )
-        if heads != self.n_kv_heads:
-            raise ValueError(f"new_keys has {heads} kv heads, this cache entry stores {self.n_kv_heads}")
-        if d_head != self.d_head:
-            raise ValueError(f"new_keys has d_head {d_head}, this cache entry stores {self.d_head}")
-        if new_keys.dtype != self.dtype:
-            raise TypeError(f"new_keys has dtype {new_keys.dtype}, this cache entry stores {self.dtype}")
+        if heads != self._heads:
+            raise ValueError(
+                f"new_keys has {heads} kv heads, this cache entry stores {self._heads}"
+            )
+        if d_head != self._d_head:
+            raise ValueError(
+                f"new_keys has d_head {d_head}, this cache entry stores {self._d_head}"
+            )
+        if new_keys.dtype != self._dtype:
+            raise TypeError(
+                f"new_keys has dtype {new_keys.dtype}, this cache entry stores {self._dtype}"
+            )
 
     def reserve(self, capacity: int) -> None:
         """Make room for ``capacity`` positions (growing geometrically); keeps the contents."""
-        if capacity <= self.capacity:
+        if capacity <= self._capacity:
             return
-        new_capacity = _grown_capacity(self.capacity, capacity)
-        shape = (self.batch_size, self.n_kv_heads, new_capacity, self.d_head)
-        keys = torch.empty(shape, dtype=self.dtype, device=self.device)
-        values = torch.empty(shape, dtype=self.dtype, device=self.device)
-        keys[:, :, : self._length].copy_(self._keys[:, :, : self._length])
-        values[:, :, : self._length].copy_(self._values[:, :, : self._length])
-        self._keys, self._values = keys, values
+        new_capacity = _grown_capacity(self._capacity, capacity)
+        dims = (self._batch, self._heads, new_capacity, self._d_head)
+        self._set_storage(
+            _new_storage(self.past_keys, *dims, self._length),
+            _new_storage(self.past_values, *dims, self._length),
+        )
 
     def freeze(self) -> None:
         """Appends stop advancing the committed length."""
@@ -229,7 +249,37 @@ class KeyValueCacheEntry:
         )
 
 
-def _check_pair(keys: Tensor, values: Tensor, names: tuple[str, str] = ("past_keys", "past_values")) -> None:
+def _new_storage(
+    contents: Float[Tensor, "batch pos kv_head d_head"],
+    batch: int,
+    heads: int,
+    capacity: int,
+    d_head: int,
+    pos: int,
+) -> Float[Tensor, "batch kv_head capacity d_head"]:
+    """A ``[batch, kv_head, capacity, d_head]`` buffer holding ``contents`` in its first positions.
+
+    The unused positions are zeroed now, in one sequential pass. Left as ``torch.empty`` they would
+    be mapped lazily, and every decode step would then fault in fresh pages scattered over all
+    ``batch * kv_head`` rows: that made the per-token cost grow with the capacity (2x slower after
+    8k tokens at batch 8, see docs/benchmarks.md).
+
+    The buffer is a normal tensor even under ``torch.inference_mode``: an inference tensor could
+    not be written in place afterwards, so a cache grown during inference-mode generation would
+    fail in a later ``no_grad`` forward pass (a ``torch.cat`` cache has no such limit).
+    """
+    with torch.inference_mode(False):
+        storage = torch.empty(
+            (batch, heads, capacity, d_head), dtype=contents.dtype, device=contents.device
+        )
+        storage[:, :, :pos].copy_(contents.transpose(1, 2))
+        storage[:, :, pos:].zero_()
+    return storage
+
+
+def _check_pair(
+    keys: Tensor, values: Tensor, names: tuple[str, str] = ("past_keys", "past_values")
+) -> None:
     k, v = names
     for name, t in ((k, keys), (v, values)):
         if not isinstance(t, Tensor):
@@ -240,10 +290,13 @@ def _check_pair(keys: Tensor, values: Tensor, names: tuple[str, str] = ("past_ke
             )
     if keys.shape != values.shape:
         raise ValueError(
-            f"{k} and {v} must have the same shape, got {tuple(keys.shape)} and {tuple(values.shape)}"
+            f"{k} and {v} must have the same shape, "
+            f"got {tuple(keys.shape)} and {tuple(values.shape)}"
         )
     if keys.dtype != values.dtype:
-        raise TypeError(f"{k} and {v} must have the same dtype, got {keys.dtype} and {values.dtype}")
+        raise TypeError(
+            f"{k} and {v} must have the same dtype, got {keys.dtype} and {values.dtype}"
+        )
     if not keys.is_floating_point():
         raise TypeError(f"{k} must be a floating-point tensor, got {keys.dtype}")
 

@@ -1,0 +1,188 @@
+"""The ``kvlens`` command: ``generate``, ``chat`` and ``info``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from kvlens.model import HookedTransformer
+
+log = logging.getLogger("kvlens")
+
+
+class CLIError(Exception):
+    """A problem with the user's input: printed as one line, exit status 2."""
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        default=None,
+        help="a known model name, a Hugging Face checkpoint folder or a .gguf file "
+        "(default: smollm2-135m-instruct)",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bars while loading")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most")
+    p.add_argument(
+        "--temperature", type=float, default=0.0, help="0 (default) is greedy; try 0.7 to sample"
+    )
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling, in (0, 1]")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest tokens")
+    p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kvlens", description="Run causal language models with hooks and a fast KV cache."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="continue a prompt, streaming the text")
+    gen.add_argument("prompt", help="the prompt text")
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    _add_model_args(gen)
+    _add_sampling_args(gen)
+
+    chat = sub.add_parser("chat", help="interactive chat; /reset forgets, /exit quits")
+    chat.add_argument("--system", default=None, help="a system prompt")
+    _add_model_args(chat)
+    _add_sampling_args(chat)
+
+    info = sub.add_parser("info", help="print the model's config and its cache's size per token")
+    _add_model_args(info)
+    return parser
+
+
+def _check_sampling(args: argparse.Namespace) -> None:
+    if args.max_new_tokens < 0:
+        raise CLIError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    if args.temperature < 0:
+        raise CLIError(f"--temperature must be >= 0, got {args.temperature}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise CLIError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.top_k is not None and args.top_k < 1:
+        raise CLIError(f"--top-k must be >= 1, got {args.top_k}")
+
+
+def _load(args: argparse.Namespace) -> HookedTransformer:
+    from kvlens.model import HookedTransformer
+
+    return HookedTransformer.from_pretrained(args.model, progress=not args.quiet)
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    _check_sampling(args)
+    if not args.prompt:
+        raise CLIError("the prompt is empty")
+    from kvlens.tokens import stream_decode
+
+    model = _load(args)
+    prompt = args.prompt
+    if args.chat:
+        if model.tokenizer is None or not getattr(model.tokenizer, "chat_template", None):
+            raise CLIError("--chat needs a model whose tokenizer has a chat template")
+        messages = [{"role": "user", "content": prompt}]
+        prompt = model.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True
+        )
+    else:
+        sys.stdout.write(prompt)
+    stream = model.generate_stream(
+        prompt,
+        max_new_tokens=args.max_new_tokens,
+        do_sample=args.temperature > 0,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+    )
+    for piece in stream_decode(model.tokenizer, (int(t[0]) for t in stream)):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    _check_sampling(args)
+    from kvlens.chat import ChatSession
+    from kvlens.sampling import SamplingConfig
+
+    model = _load(args)
+    sampling = SamplingConfig(
+        do_sample=args.temperature > 0,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+    )
+    session = ChatSession(model, args.system, sampling, args.seed)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("kvlens chat: /reset forgets the conversation, /exit quits.", file=sys.stderr)
+    while True:
+        if interactive:
+            sys.stderr.write("> ")
+            sys.stderr.flush()
+        line = sys.stdin.readline()
+        if not line:
+            break
+        message = line.strip()
+        if not message:
+            continue
+        if message == "/exit":
+            break
+        if message == "/reset":
+            session.reset()
+            print("(conversation reset)", file=sys.stderr)
+            continue
+        try:
+            for piece in session.send(message, args.max_new_tokens):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except ValueError as e:
+            print(f"kvlens: {e}", file=sys.stderr)
+            continue
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    model = _load(args)
+    cfg = model.cfg
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model: {cfg.model_name} ({cfg.original_architecture or 'custom'})")
+    for key, value in cfg.to_dict().items():
+        print(f"  {key}: {value}")
+    print(f"parameters: {n_params:,}")
+    print(f"kv cache bytes per token: {cfg.kv_bytes_per_token:,} (batch row, all layers)")
+    print(
+        f"kv cache at full context ({cfg.n_ctx} tokens): "
+        f"{cfg.kv_bytes_per_token * cfg.n_ctx / 2**20:.1f} MiB per batch row"
+    )
+
+
+COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``kvlens`` command; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="kvlens: %(message)s")
+    try:
+        COMMANDS[args.command](args)
+    except (CLIError, ValueError, FileNotFoundError, ImportError) as e:
+        print(f"kvlens: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

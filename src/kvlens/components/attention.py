@@ -1,0 +1,180 @@
+"""Multi-head, grouped-query and multi-query causal self-attention."""
+
+from __future__ import annotations
+
+import torch
+from jaxtyping import Float
+from torch import Tensor, nn
+
+from kvlens.cache.entry import KeyValueCacheEntry
+from kvlens.components.attention_context import AttentionContext
+from kvlens.components.attention_math import (
+    attention_pattern,
+    attention_scores,
+    fused_attention,
+    mix_values,
+)
+from kvlens.components.linear import linear
+from kvlens.components.positions import apply_rotary
+from kvlens.config import ModelConfig
+from kvlens.hooks import HookPoint
+
+
+class Attention(nn.Module):
+    """Causal self-attention over the cached and the new tokens.
+
+    Weights are stored fused for speed: one ``W_QKV: [d_model, (n_heads + 2 * n_kv) * d_head]``
+    (query heads, then key heads, then value heads) and ``W_O_flat: [n_heads * d_head,
+    d_model]``. TransformerLens's per-head names are properties returning views of them, so
+    editing ``attn.W_Q[h]`` in place edits the model.
+
+    Order of operations: one matmul gives q, k, v ``[batch, pos, head, d_head]``; ``hook_q``,
+    ``hook_k``, ``hook_v`` fire; rotary models rotate the new tokens' q and k (``hook_rot_q``,
+    ``hook_rot_k``); the keys and values are appended to the cache entry as the hooks left them;
+    attention reads all keys and values from the entry's storage without copying.
+
+    Unlike TransformerLens, the cache holds keys *after* rotary (as HF's does), so a decode step
+    rotates one key instead of every cached key again; ``hook_rot_k`` therefore covers the new
+    tokens only, ``[batch, pos, kv_head, d_head]``, where TransformerLens's covers all keys.
+
+    With no hook on ``hook_attn_scores`` or ``hook_pattern``, attention runs through
+    ``scaled_dot_product_attention``; with one, an eager path computes scores and pattern and
+    fires those hooks. ``hook_z`` fires in both.
+    """
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int = 0) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads = cfg.n_heads
+        self.n_kv_heads = cfg.n_kv_heads
+        self.d_head = cfg.d_head
+        self.d_model = cfg.d_model
+        self.rotary = cfg.positional_embedding_type == "rotary"
+        self.rotary_adjacent_pairs = cfg.rotary_adjacent_pairs
+        width = (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.d_head
+        self.W_QKV = nn.Parameter(torch.empty(cfg.d_model, width, dtype=cfg.dtype))
+        self.b_QKV = (
+            nn.Parameter(torch.zeros(width, dtype=cfg.dtype)) if cfg.attn_qkv_bias else None
+        )
+        self.W_O_flat = nn.Parameter(
+            torch.empty(cfg.n_heads * cfg.d_head, cfg.d_model, dtype=cfg.dtype)
+        )
+        self.b_O = (
+            nn.Parameter(torch.zeros(cfg.d_model, dtype=cfg.dtype)) if cfg.attn_out_bias else None
+        )
+        self.hook_q = HookPoint()  # [batch, pos, head_index, d_head]
+        self.hook_k = HookPoint()  # [batch, pos, kv_head, d_head]
+        self.hook_v = HookPoint()  # [batch, pos, kv_head, d_head]
+        if self.rotary:
+            self.hook_rot_q = HookPoint()  # [batch, pos, head_index, d_head]
+            self.hook_rot_k = HookPoint()  # [batch, pos, kv_head, d_head]
+        self.hook_attn_scores = HookPoint()  # [batch, head_index, pos, kv_pos]
+        self.hook_pattern = HookPoint()  # [batch, head_index, pos, kv_pos]
+        self.hook_z = HookPoint()  # [batch, pos, head_index, d_head]
+
+    # TransformerLens's per-head weights, as views -------------------------------------------
+
+    def _qkv_slice(self, part: int) -> tuple[int, int, int]:
+        q_width, kv_width = self.n_heads * self.d_head, self.n_kv_heads * self.d_head
+        starts = (0, q_width, q_width + kv_width)
+        heads = self.n_heads if part == 0 else self.n_kv_heads
+        return starts[part], starts[part] + heads * self.d_head, heads
+
+    def _weight(self, part: int) -> Float[Tensor, "head d_model d_head"]:
+        start, end, heads = self._qkv_slice(part)
+        return self.W_QKV[:, start:end].view(self.d_model, heads, self.d_head).transpose(0, 1)
+
+    def _bias(self, part: int) -> Float[Tensor, "head d_head"] | None:
+        if self.b_QKV is None:
+            return None
+        start, end, heads = self._qkv_slice(part)
+        return self.b_QKV[start:end].view(heads, self.d_head)
+
+    @property
+    def W_Q(self) -> Float[Tensor, "head_index d_model d_head"]:
+        return self._weight(0)
+
+    @property
+    def W_K(self) -> Float[Tensor, "kv_head d_model d_head"]:
+        return self._weight(1)
+
+    @property
+    def W_V(self) -> Float[Tensor, "kv_head d_model d_head"]:
+        return self._weight(2)
+
+    @property
+    def W_O(self) -> Float[Tensor, "head_index d_head d_model"]:
+        return self.W_O_flat.view(self.n_heads, self.d_head, self.d_model)
+
+    @property
+    def b_Q(self) -> Float[Tensor, "head_index d_head"] | None:
+        return self._bias(0)
+
+    @property
+    def b_K(self) -> Float[Tensor, "kv_head d_head"] | None:
+        return self._bias(1)
+
+    @property
+    def b_V(self) -> Float[Tensor, "kv_head d_head"] | None:
+        return self._bias(2)
+
+    # Forward ----------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        x: Float[Tensor, "batch pos d_model"],
+        ctx: AttentionContext,
+        cache_entry: KeyValueCacheEntry | None = None,
+    ) -> Float[Tensor, "batch pos d_model"]:
+        """Attend from the new tokens ``x`` to the cached and the new tokens.
+
+        Args:
+            x: The normalized residual stream of the new tokens.
+            ctx: Masks and rotary angles of this forward pass.
+            cache_entry: This layer's cache entry; the new keys and values are appended to it.
+        """
+        batch, n_new, _ = x.shape
+        q, k, v = self._project_and_rotate(x, ctx)
+        if cache_entry is not None:
+            k, v = cache_entry.append(k, v)
+        q_heads, k_heads, v_heads = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if self.hook_attn_scores.has_hooks or self.hook_pattern.has_hooks:
+            scores = attention_scores(q_heads, k_heads, ctx.attn_mask, ctx.is_causal)
+            pattern = self.hook_pattern(attention_pattern(self.hook_attn_scores(scores)))
+            z_heads = mix_values(pattern, v_heads)
+        else:
+            z_heads = fused_attention(q_heads, k_heads, v_heads, ctx.attn_mask, ctx.is_causal)
+        z = self.hook_z(z_heads.transpose(1, 2))
+        return linear(z.reshape(batch, n_new, -1), self.W_O_flat, self.b_O)
+
+    def _project_and_rotate(
+        self, x: Float[Tensor, "batch pos d_model"], ctx: AttentionContext
+    ) -> tuple[
+        Float[Tensor, "batch pos head_index d_head"],
+        Float[Tensor, "batch pos kv_head d_head"],
+        Float[Tensor, "batch pos kv_head d_head"],
+    ]:
+        """q, k, v from one matmul (views of its output) through their hooks, q and k rotated."""
+        batch, n_new, _ = x.shape
+        heads = linear(x, self.W_QKV, self.b_QKV).view(batch, n_new, -1, self.d_head)
+        n_q, n_qk = self.n_heads, self.n_heads + self.n_kv_heads
+        # Unless q or k is hooked before rotary, rotate them in one call: they share the angles
+        # and rotary is elementwise, so the result is bit-identical and a decode step does half
+        # the small ops.
+        joint = self.rotary and not (self.hook_q.has_hooks or self.hook_k.has_hooks)
+        q, k = heads[:, :, :n_q], heads[:, :, n_q:n_qk]
+        if not joint:
+            q, k = self.hook_q(q), self.hook_k(k)
+        v = self.hook_v(heads[:, :, n_qk:])
+        if not self.rotary:
+            return q, k, v
+        cos, sin = ctx.rotary_cos, ctx.rotary_sin
+        if cos is None or sin is None:
+            raise ValueError("this attention layer is rotary but ctx carries no rotary angles")
+        if joint:
+            qk = apply_rotary(heads[:, :, :n_qk], cos, sin, self.rotary_adjacent_pairs)
+            q, k = qk[:, :, :n_q], qk[:, :, n_q:]
+        else:
+            q = apply_rotary(q, cos, sin, self.rotary_adjacent_pairs)
+            k = apply_rotary(k, cos, sin, self.rotary_adjacent_pairs)
+        return self.hook_rot_q(q), self.hook_rot_k(k), v

@@ -1,0 +1,87 @@
+"""Attention as pure functions: an eager reference path and a fused fast path.
+
+Both take queries ``[batch, head_index, pos, d_head]`` and keys/values
+``[batch, kv_head, kv_pos, d_head]`` (the cache's storage layout, read without copying) and give
+the same result up to float rounding. Query head ``h`` reads key/value head
+``h // (n_heads / n_kv_heads)``, as HF's ``repeat_kv`` and ``enable_gqa`` do.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Bool, Float
+from torch import Tensor
+
+from kvlens.components.attention_context import causal_mask
+
+
+def attention_scores(
+    q: Float[Tensor, "batch head_index pos d_head"],
+    k: Float[Tensor, "batch kv_head kv_pos d_head"],
+    attn_mask: Bool[Tensor, "batch 1 pos kv_pos"] | None,
+    is_causal: bool,
+) -> Float[Tensor, "batch head_index pos kv_pos"]:
+    """Scaled dot products ``q . k / sqrt(d_head)``, ``-inf`` where the mask forbids.
+
+    Grouped-query heads are handled by folding the heads that share a key head into the query
+    axis, so the keys are never repeated.
+    """
+    batch, n_heads, n_new, d_head = q.shape
+    n_kv, kv_len = k.shape[1], k.shape[2]
+    group = n_heads // n_kv
+    folded = q.reshape(batch, n_kv, group * n_new, d_head)
+    scores = (folded @ k.transpose(-1, -2)).view(batch, n_heads, n_new, kv_len)
+    scores = scores * d_head**-0.5
+    if attn_mask is None and is_causal:
+        attn_mask = causal_mask(n_new, kv_len, q.device)
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf"))
+    return scores
+
+
+def attention_pattern(
+    scores: Float[Tensor, "batch head_index pos kv_pos"],
+) -> Float[Tensor, "batch head_index pos kv_pos"]:
+    """Softmax over keys in float32, rows with no allowed key set to zero (TransformerLens)."""
+    pattern = torch.softmax(scores.float(), dim=-1)
+    pattern = torch.where(torch.isnan(pattern), torch.zeros_like(pattern), pattern)
+    return pattern.to(scores.dtype)
+
+
+def mix_values(
+    pattern: Float[Tensor, "batch head_index pos kv_pos"],
+    v: Float[Tensor, "batch kv_head kv_pos d_head"],
+) -> Float[Tensor, "batch head_index pos d_head"]:
+    """The pattern-weighted sum of values for every query head."""
+    batch, n_heads, n_new, kv_len = pattern.shape
+    n_kv, d_head = v.shape[1], v.shape[3]
+    group = n_heads // n_kv
+    folded = pattern.reshape(batch, n_kv, group * n_new, kv_len) @ v
+    return folded.view(batch, n_heads, n_new, d_head)
+
+
+def fused_attention(
+    q: Float[Tensor, "batch head_index pos d_head"],
+    k: Float[Tensor, "batch kv_head kv_pos d_head"],
+    v: Float[Tensor, "batch kv_head kv_pos d_head"],
+    attn_mask: Bool[Tensor, "batch 1 pos kv_pos"] | None,
+    is_causal: bool,
+) -> Float[Tensor, "batch head_index pos d_head"]:
+    """``scaled_dot_product_attention`` on the keys and values in place.
+
+    For one new token under grouped-query attention, the query heads that share a key head are
+    folded into the query axis (``[batch, kv_head, group, d_head]``): on CPU this runs about three
+    times faster than ``enable_gqa=True`` and is as fast as reading the cache allows.
+    """
+    batch, n_heads, n_new, d_head = q.shape
+    n_kv = k.shape[1]
+    if n_kv == n_heads:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+    if n_new == 1 and not is_causal:
+        folded = q.reshape(batch, n_kv, n_heads // n_kv, d_head)
+        out = F.scaled_dot_product_attention(folded, k, v, attn_mask=attn_mask)
+        return out.view(batch, n_heads, 1, d_head)
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=True
+    )

@@ -1,0 +1,22 @@
+"""``x @ W + b`` with ``W`` stored ``[in, out]``, the layout kvlens keeps its weights in."""
+
+from __future__ import annotations
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+
+def linear(
+    x: Float[Tensor, "... d_in"], weight: Float[Tensor, "d_in d_out"], bias: Tensor | None
+) -> Float[Tensor, "... d_out"]:
+    """Apply a weight stored ``[in, out]`` (and an optional bias) to the last axis of ``x``.
+
+    On CPU, ``x @ W`` with ``W`` contiguous ``[in, out]`` runs about twice as fast for single-token
+    decoding as ``F.linear`` with ``[out, in]``, which is why every projection is stored this way.
+    With a bias the product and the sum are one ``addmm`` call.
+    """
+    if bias is None:
+        return x @ weight
+    flat = x.reshape(-1, x.shape[-1])
+    return torch.addmm(bias, flat, weight).view(*x.shape[:-1], weight.shape[-1])

@@ -1,0 +1,117 @@
+"""The MLP: plain (GPT-2, GPT-NeoX) and gated (Llama, Mistral, Qwen2)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float
+from torch import Tensor, nn
+
+from kvlens.components.linear import linear
+from kvlens.config import ActFn, ModelConfig
+from kvlens.hooks import HookPoint
+
+
+def _gelu_tanh(x: Tensor) -> Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+_ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "gelu": F.gelu,
+    "gelu_new": _gelu_tanh,
+    "gelu_pytorch_tanh": _gelu_tanh,
+    "silu": F.silu,
+    "relu": F.relu,
+}
+
+
+def activation(name: ActFn) -> Callable[[Tensor], Tensor]:
+    """The activation function ``cfg.act_fn`` names (``gelu_new`` is the tanh approximation)."""
+    return _ACTIVATIONS[name]
+
+
+class MLP(nn.Module):
+    """``act(x W_in + b_in) W_out + b_out``.
+
+    Attributes:
+        W_in: ``[d_model, d_mlp]``.
+        W_out: ``[d_mlp, d_model]``.
+        b_in: ``[d_mlp]`` and ``b_out``: ``[d_model]``, when ``cfg.mlp_bias`` (else ``None``).
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        d_mlp = cfg.d_mlp_resolved
+        self.act = activation(cfg.act_fn)
+        self.W_in = nn.Parameter(torch.empty(cfg.d_model, d_mlp, dtype=cfg.dtype))
+        self.W_out = nn.Parameter(torch.empty(d_mlp, cfg.d_model, dtype=cfg.dtype))
+        self.b_in = _bias(d_mlp, cfg)
+        self.b_out = _bias(cfg.d_model, cfg)
+        self.hook_pre = HookPoint()  # [batch, pos, d_mlp]
+        self.hook_post = HookPoint()  # [batch, pos, d_mlp]
+
+    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+        pre = self.hook_pre(linear(x, self.W_in, self.b_in))
+        post = self.hook_post(self.act(pre))
+        return linear(post, self.W_out, self.b_out)
+
+
+class GatedMLP(nn.Module):
+    """``(act(x W_gate) * (x W_in)) W_out``, with both input projections in one matmul.
+
+    The gate and input weights are stored side by side as ``W_gate_in: [d_model, 2 * d_mlp]``
+    (gate first), so a decode step reads them with one matmul; ``W_gate`` and ``W_in`` are views
+    of it with TransformerLens's shapes. Hooks as TransformerLens's gated MLP: ``hook_pre`` (the
+    gate before the activation), ``hook_pre_linear`` (``x W_in``) and ``hook_post``.
+
+    Attributes:
+        W_gate_in: ``[d_model, 2 * d_mlp]``.
+        W_out: ``[d_mlp, d_model]``.
+        b_gate_in: ``[2 * d_mlp]`` and ``b_out``: ``[d_model]``, when ``cfg.mlp_bias``.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.d_mlp = cfg.d_mlp_resolved
+        self.act = activation(cfg.act_fn)
+        self.W_gate_in = nn.Parameter(torch.empty(cfg.d_model, 2 * self.d_mlp, dtype=cfg.dtype))
+        self.W_out = nn.Parameter(torch.empty(self.d_mlp, cfg.d_model, dtype=cfg.dtype))
+        self.b_gate_in = _bias(2 * self.d_mlp, cfg)
+        self.b_out = _bias(cfg.d_model, cfg)
+        self.hook_pre = HookPoint()  # [batch, pos, d_mlp]
+        self.hook_pre_linear = HookPoint()  # [batch, pos, d_mlp]
+        self.hook_post = HookPoint()  # [batch, pos, d_mlp]
+
+    @property
+    def W_gate(self) -> Float[Tensor, "d_model d_mlp"]:
+        return self.W_gate_in[:, : self.d_mlp]
+
+    @property
+    def W_in(self) -> Float[Tensor, "d_model d_mlp"]:
+        return self.W_gate_in[:, self.d_mlp :]
+
+    @property
+    def b_gate(self) -> Float[Tensor, " d_mlp"] | None:
+        return None if self.b_gate_in is None else self.b_gate_in[: self.d_mlp]
+
+    @property
+    def b_in(self) -> Float[Tensor, " d_mlp"] | None:
+        return None if self.b_gate_in is None else self.b_gate_in[self.d_mlp :]
+
+    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+        gate_in = linear(x, self.W_gate_in, self.b_gate_in)
+        pre = self.hook_pre(gate_in[..., : self.d_mlp])
+        pre_linear = self.hook_pre_linear(gate_in[..., self.d_mlp :])
+        post = self.hook_post(self.act(pre) * pre_linear)
+        return linear(post, self.W_out, self.b_out)
+
+
+def _bias(size: int, cfg: ModelConfig) -> nn.Parameter | None:
+    return nn.Parameter(torch.zeros(size, dtype=cfg.dtype)) if cfg.mlp_bias else None
+
+
+def make_mlp(cfg: ModelConfig) -> MLP | GatedMLP:
+    """The MLP ``cfg.gated_mlp`` chooses."""
+    return GatedMLP(cfg) if cfg.gated_mlp else MLP(cfg)

@@ -1,0 +1,34 @@
+"""Unembedding: residual stream to logits."""
+
+from __future__ import annotations
+
+import torch
+from jaxtyping import Float
+from torch import Tensor, nn
+
+from kvlens.components.linear import linear
+from kvlens.config import ModelConfig
+
+
+class Unembed(nn.Module):
+    """Residual vectors to logits: ``x @ W_U (+ b_U)``.
+
+    ``W_U`` is its own contiguous ``[d_model, d_vocab]`` parameter even for models whose checkpoint
+    ties it to the embedding (as TransformerLens does on load): the transposed view of ``W_E``
+    would make the largest matmul of a decode step read memory with a stride. Editing ``W_E``
+    therefore does not change ``W_U``.
+
+    Attributes:
+        W_U: ``[d_model, d_vocab]``.
+        b_U: ``[d_vocab]``, only when ``cfg.unembed_bias`` (else ``None``).
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.W_U = nn.Parameter(torch.empty(cfg.d_model, cfg.d_vocab, dtype=cfg.dtype))
+        self.b_U = (
+            nn.Parameter(torch.zeros(cfg.d_vocab, dtype=cfg.dtype)) if cfg.unembed_bias else None
+        )
+
+    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_vocab"]:
+        return linear(x, self.W_U, self.b_U)

@@ -1,0 +1,329 @@
+"""Generation: prefill once, then one decode step per token through the key-value cache.
+
+The loop is small free functions (``prefill``, ``decode_step``, ``generate_tokens``); the
+model's ``generate`` and ``generate_stream`` methods (``GenerationMixin``) turn text into tokens
+and back around them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from kvlens.cache import KeyValueCache
+from kvlens.sampling import SamplingConfig, sample_logits
+from kvlens.tokens import PaddingSide, pad_token_id
+
+if TYPE_CHECKING:
+    from kvlens.model import HookedTransformer
+
+ReturnType = Literal["input", "str", "tokens"]
+
+
+@torch.no_grad()
+def last_position_logits(
+    model: HookedTransformer,
+    tokens: Int[Tensor, "batch pos"],
+    attention_mask: Int[Tensor, "batch pos"] | None,
+    cache: KeyValueCache | None,
+) -> Float[Tensor, "batch d_vocab"]:
+    """Run ``tokens`` (after what ``cache`` holds) and return the logits of the last position.
+
+    Only the last position is unembedded: for a long prompt that skips most of the largest
+    matrix product of the prefill.
+    """
+    resid = model(
+        tokens,
+        past_kv_cache=cache,
+        attention_mask=attention_mask,
+        stop_at_layer=model.cfg.n_layers,
+    )
+    resid = resid[:, -1:]
+    if model.cfg.final_norm:
+        resid = model.ln_final(resid)
+    return model.unembed(resid)[:, 0]
+
+
+def prefill(
+    model: HookedTransformer,
+    tokens: Int[Tensor, "batch pos"],
+    attention_mask: Int[Tensor, "batch pos"] | None = None,
+    cache: KeyValueCache | None = None,
+    capacity: int = 0,
+) -> tuple[Float[Tensor, "batch d_vocab"], KeyValueCache]:
+    """Fill a cache with ``tokens`` (a new cache unless one is given).
+
+    Returns:
+        The logits of the last position and the cache.
+    """
+    if cache is None:
+        cache = KeyValueCache.init_cache(model.cfg, model.cfg.device, tokens.shape[0], capacity)
+    else:
+        cache.reserve(cache.seq_len + capacity)
+    return last_position_logits(model, tokens, attention_mask, cache), cache
+
+
+@torch.no_grad()
+def decode_step(
+    model: HookedTransformer, token: Int[Tensor, " batch"], cache: KeyValueCache
+) -> Float[Tensor, "batch d_vocab"]:
+    """Feed one token per row and return the next logits; the cache grows by one position."""
+    return model(token[:, None], past_kv_cache=cache)[:, -1]
+
+
+def generate_tokens(
+    model: HookedTransformer,
+    tokens: Int[Tensor, "batch pos"],
+    max_new_tokens: int,
+    sampling: SamplingConfig,
+    attention_mask: Int[Tensor, "batch pos"] | None = None,
+    eos_token_ids: Sequence[int] = (),
+    pad_token_id: int = 0,
+    use_past_kv_cache: bool = True,
+    past_kv_cache: KeyValueCache | None = None,
+    generator: torch.Generator | None = None,
+) -> Iterator[Int[Tensor, " batch"]]:
+    """Yield each step's new token of every row.
+
+    A row that produced an EOS (when ``eos_token_ids`` is not empty) yields ``pad_token_id``
+    from then on; generation ends when every row has, or after ``max_new_tokens``.
+    """
+    batch = tokens.shape[0]
+    device = tokens.device
+    if attention_mask is None:
+        attention_mask = torch.ones_like(tokens)
+    counts = None
+    if sampling.freq_penalty > 0 and not sampling.greedy:
+        counts = torch.zeros((batch, model.cfg.d_vocab), device=device)
+        counts.scatter_add_(1, tokens, attention_mask.to(counts.dtype))
+    eos = torch.tensor(list(eos_token_ids), dtype=torch.long, device=device)
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    if use_past_kv_cache:
+        logits, cache = prefill(
+            model, tokens, attention_mask, past_kv_cache, tokens.shape[1] + max_new_tokens
+        )
+    else:
+        if past_kv_cache is not None:
+            raise ValueError("past_kv_cache needs use_past_kv_cache=True")
+        all_tokens, all_mask = tokens, attention_mask
+        logits = last_position_logits(model, all_tokens, all_mask, None)
+    for step in range(max_new_tokens):
+        token = sample_logits(logits, sampling, counts, generator)
+        if eos.numel():
+            token = torch.where(finished, torch.full_like(token, pad_token_id), token)
+            finished |= torch.isin(token, eos)
+        if counts is not None:
+            counts.scatter_add_(
+                1, token[:, None], torch.ones_like(token[:, None], dtype=counts.dtype)
+            )
+        yield token
+        if step == max_new_tokens - 1 or (eos.numel() and bool(finished.all())):
+            return
+        if use_past_kv_cache:
+            logits = decode_step(model, token, cache)
+        else:
+            all_tokens = torch.cat([all_tokens, token[:, None]], dim=1)
+            all_mask = torch.cat([all_mask, torch.ones_like(token[:, None])], dim=1)
+            logits = last_position_logits(model, all_tokens, all_mask, None)
+
+
+class GenerationMixin:
+    """``generate`` and ``generate_stream`` with TransformerLens's arguments."""
+
+    cfg: Any
+    tokenizer: Any
+
+    def _generation_inputs(
+        self,
+        input: str | Sequence[str] | Tensor,
+        attention_mask: Tensor | None,
+        prepend_bos: bool | None,
+        padding_side: PaddingSide | None,
+        max_new_tokens: int,
+        past_kv_cache: KeyValueCache | None,
+    ) -> tuple[Tensor, Tensor]:
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        if isinstance(input, str) or (
+            isinstance(input, Sequence) and not isinstance(input, Tensor)
+        ):
+            texts = [input] if isinstance(input, str) else list(input)
+            if not texts or any(not t for t in texts):
+                raise ValueError("input is empty: give a non-empty prompt")
+            tokens, mask = self.to_tokens_and_mask(  # type: ignore[attr-defined]
+                texts, prepend_bos=prepend_bos, padding_side=padding_side or "left", truncate=False
+            )
+            if attention_mask is not None:
+                raise ValueError("attention_mask is only accepted with token input")
+        elif isinstance(input, Tensor):
+            tokens = input[None] if input.ndim == 1 else input
+            if tokens.ndim != 2 or tokens.dtype not in (torch.int32, torch.int64):
+                raise ValueError(
+                    "input tokens must be an integer tensor [batch, pos], got "
+                    f"{tuple(input.shape)} of {input.dtype}"
+                )
+            mask = torch.ones_like(tokens) if attention_mask is None else attention_mask
+        else:
+            raise TypeError(
+                f"input must be a string, a list of strings or a token tensor, got {type(input)}"
+            )
+        if tokens.shape[1] == 0:
+            raise ValueError("input is empty: give at least one token")
+        before = past_kv_cache.seq_len if past_kv_cache is not None else 0
+        total = before + tokens.shape[1] + max_new_tokens
+        if total > self.cfg.n_ctx:
+            raise ValueError(
+                f"the prompt ({before + tokens.shape[1]} tokens) plus max_new_tokens "
+                f"({max_new_tokens}) is {total} tokens, over the model's context n_ctx="
+                f"{self.cfg.n_ctx}"
+            )
+        return tokens, mask
+
+    def _eos_ids(self, eos_token_id: int | Sequence[int] | None, stop_at_eos: bool) -> list[int]:
+        if not stop_at_eos:
+            return []
+        if eos_token_id is None:
+            eos_token_id = getattr(self.tokenizer, "eos_token_id", None)
+            if eos_token_id is None:
+                raise ValueError("stop_at_eos=True needs eos_token_id (the model has no tokenizer)")
+        return [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+
+    def generate_stream(
+        self,
+        input: str | Sequence[str] | Tensor = "",
+        max_new_tokens: int = 10,
+        stop_at_eos: bool = True,
+        eos_token_id: int | Sequence[int] | None = None,
+        do_sample: bool = True,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        temperature: float = 1.0,
+        freq_penalty: float = 0.0,
+        use_past_kv_cache: bool = True,
+        prepend_bos: bool | None = None,
+        padding_side: PaddingSide | None = None,
+        attention_mask: Tensor | None = None,
+        past_kv_cache: KeyValueCache | None = None,
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Iterator[Int[Tensor, " batch"]]:
+        """Yield the new token of every row, step by step (arguments as in :meth:`generate`)."""
+        sampling = SamplingConfig(do_sample, temperature, top_k, top_p, freq_penalty)
+        tokens, mask = self._generation_inputs(
+            input, attention_mask, prepend_bos, padding_side, max_new_tokens, past_kv_cache
+        )
+        if generator is None and seed is not None:
+            generator = torch.Generator(device=tokens.device).manual_seed(seed)
+        # No inference_mode around the loop: a generator would leak it to the caller between
+        # yields. The model calls inside run under no_grad.
+        yield from generate_tokens(
+            self,  # type: ignore[arg-type]
+            tokens,
+            max_new_tokens,
+            sampling,
+            attention_mask=mask,
+            eos_token_ids=self._eos_ids(eos_token_id, stop_at_eos),
+            pad_token_id=pad_token_id(self.tokenizer) if self.tokenizer is not None else 0,
+            use_past_kv_cache=use_past_kv_cache,
+            past_kv_cache=past_kv_cache,
+            generator=generator,
+        )
+
+    def generate(
+        self,
+        input: str | Sequence[str] | Tensor = "",
+        max_new_tokens: int = 10,
+        stop_at_eos: bool = True,
+        eos_token_id: int | Sequence[int] | None = None,
+        do_sample: bool = True,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        temperature: float = 1.0,
+        freq_penalty: float = 0.0,
+        use_past_kv_cache: bool = True,
+        prepend_bos: bool | None = None,
+        padding_side: PaddingSide | None = None,
+        return_type: ReturnType = "input",
+        verbose: bool = True,
+        attention_mask: Tensor | None = None,
+        past_kv_cache: KeyValueCache | None = None,
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Any:
+        """Continue the input, reusing past keys and values (TransformerLens's ``generate``).
+
+        Args:
+            input: A prompt, a list of prompts (left-padded into one batch), or tokens
+                ``[batch, pos]``.
+            max_new_tokens: Tokens to add at most.
+            stop_at_eos: Stop a row at its first EOS; later positions hold the pad token.
+            eos_token_id: The EOS id (or ids); default the tokenizer's.
+            do_sample: Sample; ``False`` is greedy.
+            top_k, top_p, temperature, freq_penalty: See :class:`kvlens.sampling.SamplingConfig`.
+            use_past_kv_cache: Reuse keys and values; ``False`` reruns the whole sequence each step
+                (slow; for checking).
+            prepend_bos: Prepend BOS to text input; default ``cfg.default_prepend_bos``.
+            padding_side: Padding of a batch of prompts; default left.
+            return_type: ``"str"``, ``"tokens"``, or ``"input"`` (the input's kind).
+            verbose: Show a progress bar.
+            attention_mask: The mask of token input (1 = real token).
+            past_kv_cache: Continue after what this cache holds (it is extended).
+            seed: Seed of a private random generator, for reproducible sampling.
+            generator: A random generator to sample with (instead of ``seed``).
+
+        Returns:
+            The input followed by the new tokens: tokens ``[batch, pos + new]``, or strings
+            (one string for one prompt), without padding.
+        """
+        if return_type not in ("input", "str", "tokens"):
+            raise ValueError(f"return_type must be 'input', 'str' or 'tokens', got {return_type!r}")
+        tokens, mask = self._generation_inputs(
+            input, attention_mask, prepend_bos, padding_side, max_new_tokens, past_kv_cache
+        )
+        stream = self.generate_stream(
+            tokens,
+            max_new_tokens,
+            stop_at_eos,
+            eos_token_id,
+            do_sample,
+            top_k,
+            top_p,
+            temperature,
+            freq_penalty,
+            use_past_kv_cache,
+            attention_mask=mask,
+            past_kv_cache=past_kv_cache,
+            seed=seed,
+            generator=generator,
+        )
+        steps = list(tqdm(stream, total=max_new_tokens, disable=not verbose, desc="generate"))
+        new = torch.stack(steps, dim=1) if steps else tokens[:, :0]
+        out = torch.cat([tokens, new], dim=1)
+        if return_type == "input":
+            return_type = "str" if isinstance(input, (str, list, tuple)) else "tokens"
+        if return_type == "tokens":
+            return out
+        texts = self._decode_rows(tokens, mask, new)
+        return texts[0] if isinstance(input, str) else texts
+
+    def _decode_rows(self, tokens: Tensor, mask: Tensor, new: Tensor) -> list[str]:
+        """Each row's prompt (padding dropped) and new tokens (up to its EOS) as text."""
+        tokenizer = self.tokenizer
+        if tokenizer is None:
+            raise ValueError("return_type='str' needs a tokenizer")
+        eos = self._eos_ids(None, getattr(tokenizer, "eos_token_id", None) is not None)
+        texts = []
+        rows = zip(tokens.tolist(), mask.tolist(), new.tolist(), strict=True)
+        for row, row_mask, row_new in rows:
+            ids = [t for t, m in zip(row, row_mask, strict=True) if m]
+            for t in row_new:
+                ids.append(t)
+                if t in eos:
+                    break
+            texts.append(tokenizer.decode(ids, clean_up_tokenization_spaces=False))
+        return texts

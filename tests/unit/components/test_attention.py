@@ -1,0 +1,89 @@
+"""The attention module against a per-head reference built from its TransformerLens-style views."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvlens.components.attention import Attention
+from kvlens.components.attention_context import build_attention_context
+from kvlens.config import ModelConfig
+
+CFG = ModelConfig(
+    n_layers=1, d_model=16, n_heads=4, d_head=4, n_ctx=16, d_vocab=10, n_key_value_heads=2
+)
+
+
+def make_attention(cfg: ModelConfig = CFG) -> Attention:
+    attn = Attention(cfg)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in attn.parameters():
+            p.copy_(torch.randn_like(p) * 0.5)
+    return attn
+
+
+def test_views_have_transformer_lens_shapes_and_share_storage() -> None:
+    attn = make_attention()
+    assert attn.W_Q.shape == (4, 16, 4) and attn.W_K.shape == attn.W_V.shape == (2, 16, 4)
+    assert attn.W_O.shape == (4, 4, 16)
+    assert attn.b_Q is not None and attn.b_Q.shape == (4, 4)
+    assert attn.b_V is not None and attn.b_V.shape == (2, 4)
+    with torch.no_grad():
+        attn.W_K[1].fill_(7.0)
+    assert torch.equal(attn.W_QKV[:, 16 + 4 : 16 + 8], torch.full((16, 4), 7.0))
+    assert Attention(CFG.replace(attn_qkv_bias=False)).b_K is None
+
+
+@pytest.mark.parametrize("hooked", [False, True], ids=["fused", "eager"])
+def test_matches_per_head_reference(hooked: bool) -> None:
+    attn = make_attention()
+    if hooked:
+        attn.hook_pattern.add_hook(lambda t, *, hook: None)
+    x = torch.randn(2, 5, 16)
+    ctx = build_attention_context(5, 5, None, False, torch.device("cpu"))
+    q = torch.einsum("bpd,hde->bphe", x, attn.W_Q) + attn.b_Q
+    k = torch.einsum("bpd,hde->bphe", x, attn.W_K) + attn.b_K
+    v = torch.einsum("bpd,hde->bphe", x, attn.W_V) + attn.b_V
+    k, v = k.repeat_interleave(2, dim=2), v.repeat_interleave(2, dim=2)
+    scores = torch.einsum("bqhe,bkhe->bhqk", q, k) / 2.0
+    scores = scores.masked_fill(~torch.ones(5, 5, dtype=torch.bool).tril(), float("-inf"))
+    z = torch.einsum("bhqk,bkhe->bqhe", scores.softmax(-1), v)
+    expected = torch.einsum("bqhe,hed->bqd", z, attn.W_O) + attn.b_O
+    assert torch.allclose(attn(x, ctx), expected, atol=1e-5)
+
+
+def test_rotary_layer_needs_rotary_angles() -> None:
+    attn = make_attention(CFG.replace(positional_embedding_type="rotary"))
+    ctx = build_attention_context(1, 1, None, False, torch.device("cpu"))
+    with pytest.raises(ValueError, match="rotary"):
+        attn(torch.randn(1, 1, 16), ctx)
+
+
+def test_fast_path_reads_the_cache_storage_without_copying(monkeypatch) -> None:
+    from kvlens.cache.entry import KeyValueCacheEntry
+    from kvlens.components import attention_math
+
+    attn = make_attention()
+    entry = KeyValueCacheEntry.init_cache_entry(CFG, None, batch_size=1, capacity=16)
+    seen = []
+    real = attention_math.F.scaled_dot_product_attention
+
+    def spy(q, k, v, **kwargs):
+        seen.append((k.data_ptr(), v.data_ptr()))
+        return real(q, k, v, **kwargs)
+
+    monkeypatch.setattr(attention_math.F, "scaled_dot_product_attention", spy)
+    with torch.no_grad():
+        attn(
+            torch.randn(1, 3, 16),
+            build_attention_context(3, 3, None, False, torch.device("cpu")),
+            entry,
+        )
+        attn(
+            torch.randn(1, 1, 16),
+            build_attention_context(1, 4, None, False, torch.device("cpu")),
+            entry,
+        )
+    assert seen == [(entry._keys.data_ptr(), entry._values.data_ptr())] * 2
+    assert entry.length == 4
