@@ -15,6 +15,7 @@ from kvlens.cache import (
     HookedTransformerKeyValueCacheEntry,
     KeyValueCache,
     KeyValueCacheEntry,
+    SharedPrefixCache,
 )
 from kvlens.config import HookedTransformerConfig, ModelConfig
 from kvlens.devices import get_device_for_block_index
@@ -33,6 +34,7 @@ __all__ = [
     "KeyValueCache",
     "KeyValueCacheEntry",
     "ModelConfig",
+    "SharedPrefixCache",
     "get_act_name",
     "get_device_for_block_index",
 ]

@@ -6,9 +6,10 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from kvlens.cache import KeyValueCache
     from kvlens.model import HookedTransformer
 
 log = logging.getLogger("kvlens")
@@ -47,6 +48,19 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="continue a prompt, streaming the text")
     gen.add_argument("prompt", help="the prompt text")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    gen.add_argument(
+        "--cache",
+        default=None,
+        metavar="FILE",
+        help="continue after a saved cache (see --save-cache): the prompt follows its tokens",
+    )
+    gen.add_argument(
+        "--save-cache",
+        default=None,
+        metavar="FILE",
+        help="save the cache after the prompt's prefill (e.g. a document to ask about later; "
+        "use --max-new-tokens 0 to only save)",
+    )
     _add_model_args(gen)
     _add_sampling_args(gen)
 
@@ -94,9 +108,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
         )
     else:
         sys.stdout.write(prompt)
+    prompt_tokens, past_kv_cache = _cached_prompt(model, prompt, args)
     stream = model.generate_stream(
-        prompt,
+        prompt_tokens,
         max_new_tokens=args.max_new_tokens,
+        past_kv_cache=past_kv_cache,
         do_sample=args.temperature > 0,
         temperature=args.temperature,
         top_p=args.top_p,
@@ -107,6 +123,40 @@ def cmd_generate(args: argparse.Namespace) -> None:
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
+
+
+def _cached_prompt(
+    model: HookedTransformer, prompt: str, args: argparse.Namespace
+) -> tuple[Any, KeyValueCache | None]:
+    """The tokens to generate from and the cache they continue (``--cache``/``--save-cache``)."""
+    from kvlens.cache import KeyValueCache
+
+    cache = None
+    if args.cache is not None:
+        cache = KeyValueCache.load(args.cache, model)
+        if cache.batch_size != 1:
+            raise CLIError(f"--cache {args.cache} holds {cache.batch_size} rows; expected 1")
+    # After a cache the prompt continues its text: no BOS in the middle.
+    tokens = model.to_tokens(
+        prompt, prepend_bos=False if cache is not None else None, truncate=False
+    )
+    if args.save_cache is None:
+        return tokens, cache
+    cache = model.prefill(tokens) if cache is None else _extend(model, cache, tokens)
+    cache.save(args.save_cache)
+    log.info("saved the cache of %d tokens to %s", cache.seq_len, args.save_cache)
+    # Generation re-reads the last prompt token so that it has its logits: drop it from the cache.
+    return tokens[:, -1:], cache.crop(-1)
+
+
+def _extend(model: HookedTransformer, cache: KeyValueCache, tokens: Any) -> KeyValueCache:
+    """Run ``tokens`` into ``cache`` (keeping its token record when it has one)."""
+    import torch
+
+    before = cache.tokens
+    model(tokens, return_type=None, past_kv_cache=cache)
+    cache.tokens = None if before is None else torch.cat([before, tokens.to(before.device)], 1)
+    return cache
 
 
 def cmd_chat(args: argparse.Namespace) -> None:

@@ -15,7 +15,8 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from kvlens.cache import KeyValueCache
+from kvlens.cache import KeyValueCache, SharedPrefixCache
+from kvlens.cache.shared import is_shareable_prefix
 from kvlens.sampling import SamplingConfig, sample_logits
 from kvlens.tokens import PaddingSide, pad_token_id
 
@@ -30,7 +31,7 @@ def last_position_logits(
     model: HookedTransformer,
     tokens: Int[Tensor, "batch pos"],
     attention_mask: Int[Tensor, "batch pos"] | None,
-    cache: KeyValueCache | None,
+    cache: KeyValueCache | SharedPrefixCache | None,
 ) -> Float[Tensor, "batch d_vocab"]:
     """Run ``tokens`` (after what ``cache`` holds) and return the logits of the last position.
 
@@ -70,7 +71,7 @@ def prefill(
 
 @torch.no_grad()
 def decode_step(
-    model: HookedTransformer, token: Int[Tensor, " batch"], cache: KeyValueCache
+    model: HookedTransformer, token: Int[Tensor, " batch"], cache: KeyValueCache | SharedPrefixCache
 ) -> Float[Tensor, "batch d_vocab"]:
     """Feed one token per row and return the next logits; the cache grows by one position."""
     return model(token[:, None], past_kv_cache=cache)[:, -1]
@@ -103,7 +104,15 @@ def generate_tokens(
         counts.scatter_add_(1, tokens, attention_mask.to(counts.dtype))
     eos = torch.tensor(list(eos_token_ids), dtype=torch.long, device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    if use_past_kv_cache:
+    cache: KeyValueCache | SharedPrefixCache
+    if use_past_kv_cache and is_shareable_prefix(past_kv_cache):
+        # Every row continues the frozen prefix, which stays as it is; the rows' own tokens go
+        # into a suffix cache after it.
+        cache = SharedPrefixCache.from_prefix(
+            past_kv_cache, batch, tokens.shape[1] + max_new_tokens
+        )
+        logits = last_position_logits(model, tokens, attention_mask, cache)
+    elif use_past_kv_cache:
         logits, cache = prefill(
             model, tokens, attention_mask, past_kv_cache, tokens.shape[1] + max_new_tokens
         )
@@ -254,6 +263,12 @@ class GenerationMixin:
         past_kv_cache: KeyValueCache | None = None,
         seed: int | None = None,
         generator: torch.Generator | None = None,
+        num_beams: int = 1,
+        length_penalty: float = 1.0,
+        early_stopping: bool | Literal["never"] = False,
+        draft_model: Any = None,
+        num_speculative_tokens: int = 4,
+        speculative_stats: Any = None,
     ) -> Any:
         """Continue the input, reusing past keys and values (TransformerLens's ``generate``).
 
@@ -275,6 +290,14 @@ class GenerationMixin:
             past_kv_cache: Continue after what this cache holds (it is extended).
             seed: Seed of a private random generator, for reproducible sampling.
             generator: A random generator to sample with (instead of ``seed``).
+            num_beams: Above 1, beam search (one prompt, ``do_sample=False``; see
+                :mod:`kvlens.beam`) returning the best hypothesis.
+            length_penalty, early_stopping: Beam search's, as in Hugging Face.
+            draft_model: Speculative decoding with this draft model (one prompt,
+                ``do_sample=False``; see :mod:`kvlens.speculative`): the same tokens as greedy.
+            num_speculative_tokens: Tokens the draft proposes per round.
+            speculative_stats: A :class:`kvlens.speculative.SpeculativeStats` to fill in
+                (acceptance rate and so on).
 
         Returns:
             The input followed by the new tokens: tokens ``[batch, pos + new]``, or strings
@@ -285,24 +308,43 @@ class GenerationMixin:
         tokens, mask = self._generation_inputs(
             input, attention_mask, prepend_bos, padding_side, max_new_tokens, past_kv_cache
         )
-        stream = self.generate_stream(
-            tokens,
-            max_new_tokens,
-            stop_at_eos,
-            eos_token_id,
-            do_sample,
-            top_k,
-            top_p,
-            temperature,
-            freq_penalty,
-            use_past_kv_cache,
-            attention_mask=mask,
-            past_kv_cache=past_kv_cache,
-            seed=seed,
-            generator=generator,
-        )
-        steps = list(tqdm(stream, total=max_new_tokens, disable=not verbose, desc="generate"))
-        new = torch.stack(steps, dim=1) if steps else tokens[:, :0]
+        if num_beams > 1 or draft_model is not None:
+            from kvlens.strategies import strategy_new_tokens
+
+            new = strategy_new_tokens(
+                self,  # type: ignore[arg-type]
+                tokens,
+                mask,
+                max_new_tokens,
+                do_sample,
+                self._eos_ids(eos_token_id, stop_at_eos),
+                past_kv_cache,
+                num_beams,
+                length_penalty,
+                early_stopping,
+                draft_model,
+                num_speculative_tokens,
+                speculative_stats,
+            )
+        else:
+            stream = self.generate_stream(
+                tokens,
+                max_new_tokens,
+                stop_at_eos,
+                eos_token_id,
+                do_sample,
+                top_k,
+                top_p,
+                temperature,
+                freq_penalty,
+                use_past_kv_cache,
+                attention_mask=mask,
+                past_kv_cache=past_kv_cache,
+                seed=seed,
+                generator=generator,
+            )
+            steps = list(tqdm(stream, total=max_new_tokens, disable=not verbose, desc="generate"))
+            new = torch.stack(steps, dim=1) if steps else tokens[:, :0]
         out = torch.cat([tokens, new], dim=1)
         if return_type == "input":
             return_type = "str" if isinstance(input, (str, list, tuple)) else "tokens"

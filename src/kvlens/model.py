@@ -11,6 +11,7 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from kvlens.cache.cache import KeyValueCache
+from kvlens.cache.shared import SharedPrefixCache, share_frozen_prefix
 from kvlens.components.attention_context import AttentionContext, build_attention_context
 from kvlens.components.block import TransformerBlock
 from kvlens.components.embed import Embed
@@ -22,6 +23,7 @@ from kvlens.devices import get_device_for_block_index
 from kvlens.generate import GenerationMixin
 from kvlens.hooks import HookedRootModule, HookPoint
 from kvlens.loss import lm_cross_entropy_loss
+from kvlens.shared_prefix import prepare_shared_prefix
 from kvlens.tokens import PaddingSide, TokenizerMixin
 
 if TYPE_CHECKING:
@@ -204,7 +206,7 @@ class HookedTransformer(TokenizerMixin, GenerationMixin, HookedRootModule):
         return_type: ReturnType = "logits",
         *,
         loss_per_token: bool = False,
-        past_kv_cache: KeyValueCache | None = None,
+        past_kv_cache: KeyValueCache | SharedPrefixCache | None = None,
         attention_mask: Int[Tensor, "batch pos"] | None = None,
         start_at_layer: int | None = None,
         stop_at_layer: int | None = None,
@@ -225,7 +227,8 @@ class HookedTransformer(TokenizerMixin, GenerationMixin, HookedRootModule):
             loss_per_token: Return the loss of every prediction, ``[batch, pos - 1]``.
             past_kv_cache: Keys and values of earlier tokens. The new tokens' positions continue
                 from it, their keys and values and attention mask are appended to it (its length
-                stays put if it is frozen).
+                stays put if it is frozen). A frozen batch-1 cache with several rows of input is
+                shared by them, stored and read once (see :class:`SharedPrefixCache`).
             attention_mask: The new tokens' mask, 1 real and 0 padding. A pad token consumes no
                 position and no token attends to it. Default: all real.
             start_at_layer: Skip the embedding and the blocks before this one.
@@ -248,6 +251,7 @@ class HookedTransformer(TokenizerMixin, GenerationMixin, HookedRootModule):
         else:
             residual = self._check_residual(input)
             batch, n_new = residual.shape[0], residual.shape[1]
+        past_kv_cache = share_frozen_prefix(past_kv_cache, batch)
         prep = self._prepare(
             tokens if start_at_layer is None else None,
             batch,
@@ -271,6 +275,34 @@ class HookedTransformer(TokenizerMixin, GenerationMixin, HookedRootModule):
         if stop_at_layer is not None:
             return residual
         return self._output(residual, return_type, tokens, prep.loss_mask, loss_per_token)
+
+    @torch.no_grad()
+    def prefill(
+        self,
+        tokens: Int[Tensor, "batch pos"] | str,
+        attention_mask: Int[Tensor, "batch pos"] | None = None,
+        capacity: int = 0,
+    ) -> KeyValueCache:
+        """Run ``tokens`` into a new cache and return it, e.g. a prefix for many continuations.
+
+        ``model.generate(suffixes, past_kv_cache=model.prefill(prefix).freeze())`` continues one
+        prefix in every row of ``suffixes`` while storing and reading its keys and values once
+        (see :class:`~kvlens.cache.shared.SharedPrefixCache`).
+
+        Args:
+            tokens: Token ids ``[batch, pos]`` (or ``[pos]``), or a string.
+            attention_mask: Their mask, 1 real and 0 padding.
+            capacity: Positions to preallocate; default exactly the tokens' (a frozen prefix
+                never grows).
+        """
+        if isinstance(tokens, str):
+            tokens = self.to_tokens(tokens)
+        tokens = self._input_to_tokens(tokens)
+        batch, pos = tokens.shape
+        cache = KeyValueCache.init_cache(self.cfg, self.cfg.device, batch, max(capacity, pos))
+        self(tokens, return_type=None, past_kv_cache=cache, attention_mask=attention_mask)
+        cache.tokens = tokens
+        return cache
 
     def _output(
         self,
@@ -307,10 +339,15 @@ class HookedTransformer(TokenizerMixin, GenerationMixin, HookedRootModule):
         batch: int,
         n_new: int,
         attention_mask: Tensor | None,
-        cache: KeyValueCache | None,
+        cache: KeyValueCache | SharedPrefixCache | None,
         first_layer: int,
     ) -> _Prepared:
         """Positions, masks and rotary angles for this pass, with its one host synchronisation."""
+        if isinstance(cache, SharedPrefixCache):
+            shared = prepare_shared_prefix(
+                self, tokens, batch, n_new, attention_mask, cache, first_layer
+            )
+            return _Prepared(*shared)
         device = self.position_ids.device
         new_mask = self._check_attention_mask(
             attention_mask, batch, n_new, device, ones_if_none=cache is not None

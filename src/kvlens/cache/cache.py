@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 from jaxtyping import Int
@@ -52,6 +54,10 @@ class KeyValueCache:
                 )
         self.entries = list(entries)
         self.frozen = frozen
+        # The config of the model that filled it (set by init_cache; save() stores its
+        # fingerprint) and the tokens it holds, [batch, seq_len], when known (set by prefill).
+        self.cfg: ModelConfig | None = None
+        self.tokens: Int[Tensor, "batch pos_so_far"] | None = None
         device = entries[0].device
         if previous_attention_mask is None:
             previous_attention_mask = torch.ones(
@@ -87,7 +93,9 @@ class KeyValueCache:
             for i in range(cfg.n_layers)
         ]
         mask = torch.empty((batch_size, 0), dtype=MASK_DTYPE, device=entries[0].device)
-        return cls(entries, mask)
+        cache = cls(entries, mask)
+        cache.cfg = cfg
+        return cache
 
     # TransformerLens's contract ------------------------------------------------------------------
 
@@ -104,17 +112,22 @@ class KeyValueCache:
         self._mask[:, :pos].copy_(mask)
         self._mask_length = pos
 
-    def freeze(self) -> None:
-        """Freeze the cache and every entry: forward passes read it but do not extend it."""
+    def freeze(self) -> KeyValueCache:
+        """Freeze the cache and every entry: forward passes read it but do not extend it.
+
+        Returns the cache, so that ``past_kv_cache=model.prefill(prefix).freeze()`` reads well.
+        """
         self.frozen = True
         for entry in self.entries:
             entry.frozen = True
+        return self
 
-    def unfreeze(self) -> None:
-        """Unfreeze the cache and every entry."""
+    def unfreeze(self) -> KeyValueCache:
+        """Unfreeze the cache and every entry; returns the cache."""
         self.frozen = False
         for entry in self.entries:
             entry.frozen = False
+        return self
 
     def append_attention_mask(
         self, attention_mask: Int[Tensor, "batch new_tokens"]
@@ -190,6 +203,67 @@ class KeyValueCache:
             f"KeyValueCache(layers={len(self.entries)}, batch={self.batch_size}, "
             f"seq_len={self.seq_len}, capacity={self.capacity}, frozen={self.frozen})"
         )
+
+    # Operations (see kvlens.cache.ops and kvlens.cache.io) ------------------------------------
+
+    def clone(self) -> KeyValueCache:
+        """An independent copy (committed positions copied once, same capacity)."""
+        from kvlens.cache import ops
+
+        return ops.clone(self)
+
+    def select(self, batch_indices: Tensor | Sequence[int]) -> KeyValueCache:
+        """Keep rows ``batch_indices`` (reordered, repeats allowed) in place; returns the cache.
+
+        Beam search's reorder. Copies the committed positions of the selected rows; raises
+        ``IndexError`` for an index outside ``[0, batch_size)`` and leaves the cache unchanged.
+        """
+        from kvlens.cache import ops
+
+        ops.select(self, batch_indices)
+        return self
+
+    def repeat_interleave(self, repeats: int) -> KeyValueCache:
+        """Repeat each row ``repeats`` times in place (parallel sampling); returns the cache."""
+        from kvlens.cache import ops
+
+        ops.repeat_interleave(self, repeats)
+        return self
+
+    def crop(self, length: int) -> KeyValueCache:
+        """Keep the first ``length`` positions (negative: drop ``-length`` from the end): O(1).
+
+        Raises ``ValueError`` for ``length`` outside ``[-seq_len, seq_len]``, changing nothing.
+        """
+        from kvlens.cache import ops
+
+        ops.crop(self, length)
+        return self
+
+    def reset(self) -> KeyValueCache:
+        """Forget every position, keeping the storage; returns the cache."""
+        from kvlens.cache import ops
+
+        ops.reset(self)
+        return self
+
+    def save(self, path: str | os.PathLike[str], cfg: ModelConfig | None = None) -> None:
+        """Write the cache to a safetensors file (see :func:`kvlens.cache.io.save_cache`)."""
+        from kvlens.cache import io
+
+        io.save_cache(self, path, cfg)
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike[str],
+        model_or_cfg: Any,
+        device: torch.device | str | None = None,
+    ) -> KeyValueCache:
+        """Read a cache written by :meth:`save` for this model (see ``kvlens.cache.io``)."""
+        from kvlens.cache import io
+
+        return io.load_cache(path, model_or_cfg, device)
 
     # Internals --------------------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from kvlens.cache.entry import KeyValueCacheEntry
+from kvlens.cache.shared import SharedPrefixEntry
 from kvlens.components.attention_context import AttentionContext
 from kvlens.components.attention_math import (
     attention_pattern,
@@ -16,6 +17,7 @@ from kvlens.components.attention_math import (
 )
 from kvlens.components.linear import linear
 from kvlens.components.positions import apply_rotary
+from kvlens.components.shared_prefix_attention import shared_prefix_attention
 from kvlens.config import ModelConfig
 from kvlens.hooks import HookPoint
 
@@ -124,7 +126,7 @@ class Attention(nn.Module):
         self,
         x: Float[Tensor, "batch pos d_model"],
         ctx: AttentionContext,
-        cache_entry: KeyValueCacheEntry | None = None,
+        cache_entry: KeyValueCacheEntry | SharedPrefixEntry | None = None,
     ) -> Float[Tensor, "batch pos d_model"]:
         """Attend from the new tokens ``x`` to the cached and the new tokens.
 
@@ -132,9 +134,17 @@ class Attention(nn.Module):
             x: The normalized residual stream of the new tokens.
             ctx: Masks and rotary angles of this forward pass.
             cache_entry: This layer's cache entry; the new keys and values are appended to it.
+                A :class:`SharedPrefixEntry` (one prefix shared by all rows) is attended to in
+                two parts merged exactly (:mod:`kvlens.components.cascade`).
         """
         batch, n_new, _ = x.shape
         q, k, v = self._project_and_rotate(x, ctx)
+        if isinstance(cache_entry, SharedPrefixEntry):
+            z_heads = shared_prefix_attention(
+                q, k, v, ctx, cache_entry, self.hook_attn_scores, self.hook_pattern
+            )
+            z = self.hook_z(z_heads.transpose(1, 2))
+            return linear(z.reshape(batch, n_new, -1), self.W_O_flat, self.b_O)
         if cache_entry is not None:
             k, v = cache_entry.append(k, v)
         q_heads, k_heads, v_heads = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)

@@ -6,6 +6,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from kvlens.cache.entry import KeyValueCacheEntry
+from kvlens.cache.shared import SharedPrefixEntry
 from kvlens.components.attention import Attention
 from kvlens.components.attention_context import AttentionContext
 from kvlens.components.mlp import make_mlp
@@ -41,7 +42,7 @@ class TransformerBlock(nn.Module):
         self,
         resid_pre: Float[Tensor, "batch pos d_model"],
         ctx: AttentionContext,
-        cache_entry: KeyValueCacheEntry | None = None,
+        cache_entry: KeyValueCacheEntry | SharedPrefixEntry | None = None,
     ) -> Float[Tensor, "batch pos d_model"]:
         """Run the block on the new tokens; ``cache_entry`` (if any) gets their keys and values."""
         resid_pre = self.hook_resid_pre(resid_pre)

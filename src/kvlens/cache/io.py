@@ -1,0 +1,219 @@
+"""Saving a cache to a safetensors file and loading it back, checked against the model.
+
+The file holds each layer's committed keys and values (``layers.{i}.keys``/``.values``,
+``[batch, pos, kv_head, d_head]``), the attention mask (``attention_mask``, int32) and, when known,
+the tokens that produced the cache (``tokens``, int64). Its metadata (strings) holds the format
+and its version, the model's config fingerprint and name, the shape facts, and a SHA-256 checksum
+over the metadata and every tensor's bytes. ``load_cache`` checks all of it before building a
+cache, so a file of another model or format version, or a truncated or altered file, is refused
+with a ``ValueError``. Safetensors holds only raw tensors: nothing in the file is executed.
+
+Use: prefill a long document once, save the cache, and answer many questions later, in other
+processes (``kvlens generate "question" --cache FILE``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from kvlens.cache.cache import MASK_DTYPE, KeyValueCache
+from kvlens.cache.entry import KeyValueCacheEntry
+from kvlens.cache.ops import check_consistent
+from kvlens.config import ModelConfig
+from kvlens.devices import get_device_for_block_index
+
+FORMAT = "kvlens.cache"
+FORMAT_VERSION = "1"
+_CHECKSUM = "checksum_sha256"
+
+
+def save_cache(
+    cache: KeyValueCache, path: str | os.PathLike[str], cfg: ModelConfig | None = None
+) -> None:
+    """Write ``cache`` to ``path`` (safetensors), replacing any file there only when complete.
+
+    Args:
+        cache: The cache; its layers and mask must agree on the length.
+        path: Where to write.
+        cfg: The config of the model that filled the cache; default ``cache.cfg`` (set by
+            ``KeyValueCache.init_cache``).
+    """
+    cfg = cfg if cfg is not None else cache.cfg
+    if cfg is None:
+        raise ValueError(
+            "save needs the model's config: this cache was not made by init_cache, "
+            "pass cfg=model.cfg"
+        )
+    seq_len = check_consistent(cache)
+    if len(cache.entries) != cfg.n_layers:
+        raise ValueError(f"the cache has {len(cache.entries)} layers, cfg has {cfg.n_layers}")
+    tensors: dict[str, Tensor] = {}
+    for i, entry in enumerate(cache.entries):
+        tensors[f"layers.{i}.keys"] = entry.past_keys.contiguous().cpu()
+        tensors[f"layers.{i}.values"] = entry.past_values.contiguous().cpu()
+    tensors["attention_mask"] = cache.previous_attention_mask.contiguous().cpu()
+    tokens = cache.tokens
+    if tokens is not None and tuple(tokens.shape) == (cache.batch_size, seq_len):
+        tensors["tokens"] = tokens.to(torch.int64).contiguous().cpu()
+    metadata = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "config_fingerprint": cfg.fingerprint(),
+        "model_name": cfg.model_name,
+        "n_layers": str(cfg.n_layers),
+        "batch": str(cache.batch_size),
+        "seq_len": str(seq_len),
+        "dtype": str(cfg.dtype).removeprefix("torch."),
+        "frozen": "1" if cache.frozen else "0",
+    }
+    metadata[_CHECKSUM] = _checksum(metadata, tensors)
+    path = Path(path)
+    # Write next to the target, then rename: a reader never sees a half-written file.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_cache(
+    path: str | os.PathLike[str], model_or_cfg: Any, device: torch.device | str | None = None
+) -> KeyValueCache:
+    """Read a cache written by :func:`save_cache` for the model ``model_or_cfg``.
+
+    Args:
+        path: The file.
+        model_or_cfg: The model that will continue the cache, or its ``ModelConfig``.
+        device: Where the cache goes (each layer on its block's device); default the config's.
+
+    Raises:
+        ValueError: The file is not a kvlens cache, has another format version, was made by
+            another model, or is truncated or altered (its checksum does not match).
+        FileNotFoundError: There is no file at ``path``.
+    """
+    cfg = model_or_cfg
+    if not isinstance(cfg, ModelConfig):
+        cfg = getattr(model_or_cfg, "cfg", None)
+    if not isinstance(cfg, ModelConfig):
+        raise TypeError(f"model_or_cfg must be a model or a ModelConfig, got {type(model_or_cfg)}")
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no cache file at {path}")
+    metadata = _read_metadata(path)
+    _check_metadata(metadata, cfg, path)
+    try:
+        tensors = load_file(path, device="cpu")
+    except Exception as e:
+        raise ValueError(f"{path} is truncated or damaged: safetensors cannot read it ({e})") from e
+    if _checksum(metadata, tensors) != metadata.get(_CHECKSUM):
+        raise ValueError(f"{path} is altered or damaged: its checksum does not match its contents")
+    return _build(tensors, metadata, cfg, device, path)
+
+
+def _read_metadata(path: Path) -> dict[str, str]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata()
+    except Exception as e:
+        raise ValueError(
+            f"{path} is not a readable safetensors file (truncated or damaged?): {e}"
+        ) from e
+    if not metadata or metadata.get("format") != FORMAT:
+        raise ValueError(
+            f"{path} is not a kvlens cache file (no '{FORMAT}' format in its metadata)"
+        )
+    return dict(metadata)
+
+
+def _check_metadata(metadata: dict[str, str], cfg: ModelConfig, path: Path) -> None:
+    version = metadata.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ValueError(
+            f"{path} has kvlens cache format version {version!r}; this kvlens reads version "
+            f"{FORMAT_VERSION!r}: prefill and save the cache again"
+        )
+    fingerprint = metadata.get("config_fingerprint")
+    if fingerprint != cfg.fingerprint():
+        raise ValueError(
+            f"this cache was made by model {metadata.get('model_name')!r} (fingerprint "
+            f"{fingerprint}), not by {cfg.model_name!r} (fingerprint {cfg.fingerprint()})"
+        )
+    if _int_field(metadata, "n_layers", path) != cfg.n_layers:
+        raise ValueError(
+            f"{path} holds {metadata['n_layers']} layers, the model has {cfg.n_layers}"
+        )
+    for name in ("batch", "seq_len"):
+        _int_field(metadata, name, path)
+
+
+def _int_field(metadata: dict[str, str], name: str, path: Path) -> int:
+    try:
+        value = int(metadata[name])
+    except (KeyError, ValueError):
+        raise ValueError(f"{path} has no valid '{name}' in its metadata") from None
+    if value < 0:
+        raise ValueError(f"{path} has a negative '{name}' in its metadata")
+    return value
+
+
+def _build(
+    tensors: dict[str, Tensor],
+    metadata: dict[str, str],
+    cfg: ModelConfig,
+    device: torch.device | str | None,
+    path: Path,
+) -> KeyValueCache:
+    batch, seq_len = int(metadata["batch"]), int(metadata["seq_len"])
+    device = device if device is not None else cfg.device
+    expected = (batch, seq_len, cfg.n_kv_heads, cfg.d_head)
+    entries = []
+    for i in range(cfg.n_layers):
+        pair = []
+        for kind in ("keys", "values"):
+            t = tensors.get(f"layers.{i}.{kind}")
+            if t is None or tuple(t.shape) != expected or t.dtype != cfg.dtype:
+                raise ValueError(
+                    f"{path}: layers.{i}.{kind} should be {expected} of {cfg.dtype}, got "
+                    f"{None if t is None else (tuple(t.shape), t.dtype)}"
+                )
+            pair.append(t.to(get_device_for_block_index(i, cfg, device)))
+        entries.append(KeyValueCacheEntry(pair[0], pair[1]))
+    mask = tensors.get("attention_mask")
+    if mask is None or tuple(mask.shape) != (batch, seq_len):
+        raise ValueError(f"{path}: attention_mask should be {(batch, seq_len)}")
+    cache = KeyValueCache(entries, mask.to(entries[0].device, MASK_DTYPE))
+    if metadata.get("frozen") == "1":
+        cache.freeze()
+    cache.cfg = cfg
+    tokens = tensors.get("tokens")
+    if tokens is not None:
+        if tuple(tokens.shape) != (batch, seq_len):
+            raise ValueError(f"{path}: tokens should be {(batch, seq_len)}")
+        cache.tokens = tokens.to(entries[0].device)
+    return cache
+
+
+def _checksum(metadata: dict[str, str], tensors: dict[str, Tensor]) -> str:
+    """SHA-256 over the metadata (but the checksum) and each tensor's name, dtype, shape, bytes."""
+    h = hashlib.sha256()
+    for key in sorted(metadata):
+        if key != _CHECKSUM:
+            h.update(f"{key}={metadata[key]}\n".encode())
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}\n".encode())
+        if t.numel():
+            h.update(t.view(-1).view(torch.uint8).numpy().data)
+    return h.hexdigest()
