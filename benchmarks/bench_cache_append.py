@@ -14,9 +14,11 @@ Usage::
 
     .venv/bin/python benchmarks/bench_cache_append.py [--tokens 8192] [--repeats 3]
 
-The reference's total grows with the square of ``--tokens`` (each append copies the whole cache);
-at 8,192 tokens and batch 8 one run takes tens of minutes on two cores, so
-``--reference-repeats`` defaults to 1.
+The reference's total grows with the square of ``--tokens`` (each append copies the whole cache):
+at 8,192 tokens one run took about 11 minutes at batch 1 on two cores, and its first 2,048 tokens
+alone took 9 minutes at batch 8 (a full run there would take hours). So ``--reference-repeats``
+defaults to 1, and ``--reference-budget-s`` stops a reference run after that many seconds of
+appends; its total is then reported as a lower bound ("> x s") and so is the speed-up.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -79,8 +82,23 @@ SYSTEMS = {
 }
 
 
-def step_times(system: str, cfg: ModelConfig, batch: int, tokens: int) -> list[float]:
-    """Seconds taken by each of ``tokens`` one-token steps on a fresh cache."""
+# Progress is reported every this many tokens (a reference run at batch 8 takes hours).
+PROGRESS_EVERY = 512
+
+
+def step_times(
+    system: str,
+    cfg: ModelConfig,
+    batch: int,
+    tokens: int,
+    budget_s: float | None = None,
+    progress: Callable[[int, float], None] | None = None,
+) -> list[float]:
+    """Seconds taken by each one-token step on a fresh cache: ``tokens`` of them, or fewer if
+    their sum passed ``budget_s`` first.
+
+    ``progress(tokens_done, seconds_so_far)`` is called every ``PROGRESS_EVERY`` tokens.
+    """
     gen = torch.Generator().manual_seed(0)
     shape = (batch, 1, cfg.n_kv_heads, cfg.d_head)
     new = [
@@ -91,7 +109,8 @@ def step_times(system: str, cfg: ModelConfig, batch: int, tokens: int) -> list[f
     cache = SYSTEMS[system](cfg, batch)
     entries = cache.entries
     gc.collect()
-    times = []
+    times: list[float] = []
+    spent = 0.0
     clock = time.perf_counter
     for _ in range(tokens):
         start = clock()
@@ -99,32 +118,64 @@ def step_times(system: str, cfg: ModelConfig, batch: int, tokens: int) -> list[f
         for entry, (keys, values) in zip(entries, new, strict=True):
             entry.append(keys, values)
         times.append(clock() - start)
+        spent += times[-1]
+        if progress is not None and len(times) % PROGRESS_EVERY == 0:
+            progress(len(times), spent)
+        if budget_s is not None and spent > budget_s:
+            break
     del cache, entries
     gc.collect()
     return times
 
 
-def measure(system: str, batch: int, tokens: int, window: int, repeats: int) -> dict:
-    """Median over ``repeats`` runs of the total, first-window and last-window times."""
+def measure(
+    system: str,
+    batch: int,
+    tokens: int,
+    window: int,
+    repeats: int,
+    budget_s: float | None = None,
+    progress: Callable[[dict], None] | None = None,
+) -> dict:
+    """Median over ``repeats`` runs of the total, first-window and last-window times.
+
+    A run stopped by ``budget_s`` ends the measurement: its total is then a lower bound on the
+    full run's (``complete`` is false) and the last window is unknown.
+    """
     totals, firsts, lasts, last_steps = [], [], [], []
-    for _ in range(repeats):
-        times = step_times(system, GPT2_SMALL, batch, tokens)
+    tokens_done = tokens
+    for run in range(repeats):
+
+        def report(done: int, seconds: float, run: int = run) -> None:
+            if progress is not None:
+                state = {"system": system, "batch": batch, "run": run, "tokens_done": done}
+                progress({**state, "seconds_so_far": seconds, "loadavg": os.getloadavg()})
+
+        times = step_times(system, GPT2_SMALL, batch, tokens, budget_s, report)
         totals.append(sum(times))
         firsts.append(sum(times[:window]))
+        if len(times) < tokens:
+            tokens_done = len(times)
+            break
         lasts.append(sum(times[-window:]))
         last_steps.append(statistics.median(times[-window:]))
-    first, last = statistics.median(firsts), statistics.median(lasts)
+    complete = tokens_done == tokens
+    first = statistics.median(firsts) if tokens_done >= window else None
+    last = statistics.median(lasts) if complete else None
     return {
         "system": system,
         "batch": batch,
         "tokens": tokens,
-        "repeats": repeats,
-        "total_s": statistics.median(totals),
+        "complete": complete,
+        "tokens_done": tokens_done,
+        "repeats": len(totals),
+        # With complete false: the time of the first tokens_done appends, a lower bound.
+        "total_s": statistics.median(totals) if complete else totals[-1],
         "totals_s": totals,
         "first_window_s": first,
         "last_window_s": last,
-        "last_over_first": last / first,
-        "median_last_window_step_us": 1e6 * statistics.median(last_steps),
+        "last_over_first": last / first if last is not None and first else None,
+        "median_last_window_step_us": (1e6 * statistics.median(last_steps) if complete else None),
         # Other work on the machine shows up here; the numbers are only as quiet as the machine.
         "loadavg_after": os.getloadavg(),
     }
@@ -150,7 +201,8 @@ def check_agreement(tokens: int = 40, batch: int = 2) -> None:
 
 
 def markdown_table(results: list[dict], window: int) -> str:
-    reference = {r["batch"]: r["total_s"] for r in results if r["system"] != "kvlens"}
+    """Results as a markdown table; a run stopped by its budget shows its total as a bound."""
+    reference = {r["batch"]: r for r in results if r["system"] != "kvlens"}
     lines = [
         f"| system | batch | tokens | runs | total (s) | first {window} (s) | last {window} (s) "
         "| last / first | speed-up |",
@@ -158,11 +210,21 @@ def markdown_table(results: list[dict], window: int) -> str:
     ]
     for r in results:
         ref = reference.get(r["batch"])
-        speedup = f"{ref / r['total_s']:.1f}x" if ref is not None else "n/a"
+        bound = "" if r["complete"] else "> "
+        total = f"{bound}{r['total_s']:.2f}"
+        if not r["complete"]:
+            total += f" (stopped at token {r['tokens_done']})"
+        first = "n/a" if r["first_window_s"] is None else f"{r['first_window_s']:.3f}"
+        last = "n/a" if r["last_window_s"] is None else f"{r['last_window_s']:.3f}"
+        ratio = "n/a" if r["last_over_first"] is None else f"{r['last_over_first']:.2f}"
+        if ref is None or ref is r:
+            speedup = "n/a"
+        else:
+            ref_bound = "" if ref["complete"] else "> "
+            speedup = f"{ref_bound}{ref['total_s'] / r['total_s']:.1f}x"
         lines.append(
-            f"| {r['system']} | {r['batch']} | {r['tokens']} | {r['repeats']} "
-            f"| {r['total_s']:.2f} | {r['first_window_s']:.3f} | {r['last_window_s']:.3f} "
-            f"| {r['last_over_first']:.2f} | {speedup} |"
+            f"| {r['system']} | {r['batch']} | {r['tokens']} | {r['repeats']} | {total} "
+            f"| {first} | {last} | {ratio} | {speedup} |"
         )
     return "\n".join(lines)
 
@@ -187,6 +249,12 @@ def main(argv: list[str] | None = None) -> None:
         type=int,
         default=1,
         help="reference runs (median reported); each costs O(tokens^2)",
+    )
+    parser.add_argument(
+        "--reference-budget-s",
+        type=float,
+        default=None,
+        help="stop a reference run once its appends took this long (its total is then a bound)",
     )
     parser.add_argument(
         "--systems", nargs="+", choices=list(SYSTEMS), default=list(SYSTEMS), help="what to run"
@@ -214,20 +282,28 @@ def main(argv: list[str] | None = None) -> None:
         "loadavg_before": os.getloadavg(),
     }
     results: list[dict] = []
+
+    def save(in_progress: dict | None = None) -> None:
+        # Written often, so that a long run that is stopped keeps what it measured.
+        data = {"meta": meta, "results": results}
+        if in_progress is not None:
+            data["in_progress"] = in_progress
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps(data, indent=2) + "\n")
+
     for batch in args.batch:
         for system in args.systems:
             repeats = args.reference_repeats if system != "kvlens" else args.repeats
-            result = measure(system, batch, args.tokens, args.window, repeats)
+            budget = args.reference_budget_s if system != "kvlens" else None
+            result = measure(system, batch, args.tokens, args.window, repeats, budget, save)
             results.append(result)
             print(
-                f"{system} batch {batch}: total {result['total_s']:.2f} s, "
-                f"last/first {result['last_over_first']:.2f}",
+                f"{system} batch {batch}: {result['tokens_done']} tokens in "
+                f"{result['total_s']:.2f} s",
                 file=sys.stderr,
                 flush=True,
             )
-            # Written after every measurement so a long run that is stopped keeps what it measured.
-            args.output.parent.mkdir(parents=True, exist_ok=True)
-            args.output.write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
+            save()
     print(markdown_table(results, args.window))
 
 

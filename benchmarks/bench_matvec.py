@@ -1,0 +1,102 @@
+"""Where a kvlens decode step's time goes: single-row matrix products by weight layout.
+
+Prints, for each weight shape of SmolLM2-135M (and its unembedding), the effective read bandwidth
+of a one-row product under each layout and call, and then the time of a whole decode step of the
+real model beside the time of its matrix products alone. Small matrices are cycled through many
+copies so that they are read from memory, not from the caches, as in a real decode step.
+
+Usage: .venv/bin/python benchmarks/bench_matvec.py [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+SHAPES = [(49152, 576), (960, 576), (3072, 576), (576, 1536), (576, 576)]  # (out, in)
+
+
+def median_seconds(fn: Callable[[], object], runs: int = 30) -> float:
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def layouts(out_features: int, in_features: int) -> dict[str, float]:
+    """GB/s of weight read per second for each way of computing one row's product."""
+    nbytes = out_features * in_features * 4
+    copies = max(1, min(60, int(600e6 // nbytes)))
+    weights = [torch.randn(out_features, in_features) for _ in range(copies)]  # [out, in]
+    transposed = [w.t().contiguous() for w in weights]  # [in, out]
+    arrays = [w.numpy() for w in weights]
+    x = torch.randn(1, in_features)
+    xv, xn = x[0], x[0].numpy()
+    calls: dict[str, Callable[[], object]] = {
+        "x @ W[in,out] (kvlens)": lambda: [x @ w for w in transposed],
+        "F.linear W[out,in]": lambda: [torch.nn.functional.linear(x, w) for w in weights],
+        "torch.mv W[out,in]": lambda: [torch.mv(w, xv) for w in weights],
+        "numpy W[out,in] @ x": lambda: [w @ xn for w in arrays],
+    }
+    return {name: nbytes * copies / median_seconds(fn) / 1e9 for name, fn in calls.items()}
+
+
+def decode_step_split(threads: int) -> tuple[float, float, float]:
+    """(step ms, matmuls-only ms, weight MB) for the real SmolLM2 at a 40-token context."""
+    import kvlens
+
+    model = kvlens.HookedTransformer.from_pretrained(progress=False)
+    tokens = model.to_tokens("The capital of France is a city of many bridges")
+    cache = kvlens.KeyValueCache.init_cache(model.cfg, None, 1, 256)
+    weights = [model.unembed.W_U]
+    for block in model.blocks:
+        weights += [block.attn.W_QKV, block.attn.W_O_flat, block.mlp.W_gate_in, block.mlp.W_out]
+    rows = {w.shape[0]: torch.randn(1, w.shape[0]) for w in weights}
+    with torch.no_grad():
+        model(tokens, past_kv_cache=cache)
+        last = tokens[:, -1:]
+
+        def step() -> None:
+            model(last, past_kv_cache=cache)
+            cache.crop(-1)
+
+        def matmuls() -> None:
+            for w in weights:
+                rows[w.shape[0]] @ w
+
+        step_s = median_seconds(step, 20)
+        mm_s = median_seconds(matmuls, 20)
+    return step_s * 1e3, mm_s * 1e3, sum(w.numel() * 4 for w in weights) / 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    names = None
+    for out_features, in_features in SHAPES:
+        result = layouts(out_features, in_features)
+        if names is None:
+            names = list(result)
+            print("| weight [out, in] | " + " | ".join(names) + " |")
+            print("|---|" + "---:|" * len(names))
+        cells = " | ".join(f"{result[n]:.1f} GB/s" for n in names)
+        print(f"| {out_features} x {in_features} | {cells} |")
+    step_ms, mm_ms, mb = decode_step_split(args.threads)
+    print(
+        f"\nSmolLM2-135M decode step (batch 1, 40-token context): {step_ms:.1f} ms; its matrix "
+        f"products alone ({mb:.0f} MB of weights): {mm_ms:.1f} ms = {mb / mm_ms:.1f} GB/s"
+    )
+
+
+if __name__ == "__main__":
+    main()
