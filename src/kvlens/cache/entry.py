@@ -261,8 +261,8 @@ def _new_storage(
 
     The unused positions are zeroed now, in one sequential pass. Left as ``torch.empty`` they would
     be mapped lazily, and every decode step would then fault in fresh pages scattered over all
-    ``batch * kv_head`` rows: that made the per-token cost grow with the capacity (2x slower after
-    8k tokens at batch 8, see docs/benchmarks.md).
+    ``batch * kv_head`` rows: that made the per-token cost grow with the capacity (at batch 8 the
+    last 1,024 of 8,192 appends took 3x the first 1,024, see docs/benchmarks.md).
 
     The buffer is a normal tensor even under ``torch.inference_mode``: an inference tensor could
     not be written in place afterwards, so a cache grown during inference-mode generation would
