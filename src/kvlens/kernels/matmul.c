@@ -1,0 +1,116 @@
+/* Small-batch fp32 matrix products for decoding: y[M, N] = x[M, K] @ W[K, N] (+ b[N]).
+ *
+ * W is row-major [in, out] (kvlens's weight layout) and M is small (a decode step's rows). Such
+ * a product reads every weight once and does little arithmetic per byte, so its speed is the
+ * speed at which W streams from memory. The loops below keep that stream sequential: each
+ * thread reads whole rows of W (or long contiguous pieces of them), four rows at a time, and
+ * accumulates into a block of at most 16 KB that stays in the L1 cache.
+ *
+ * Work is split between threads along K (each thread reads a contiguous band of rows and the
+ * partial sums are added at the end) unless N is wide enough that splitting the columns still
+ * gives each thread long contiguous pieces of every row. The summation order of a row of y
+ * depends on K, N and the thread count, never on M or on the other rows, so a row computed in a
+ * batch is bitwise equal to the same row computed alone.
+ *
+ * Built at first use by kvlens/kernels/__init__.py with the system C compiler and OpenMP; the
+ * OpenMP runtime is the one torch has already loaded, so both share one thread pool.
+ */
+#include <stdint.h>
+#include <string.h>
+#include <omp.h>
+
+#define BLOCK_FLOATS 4096 /* accumulator block: M * block width <= 4096 floats = 16 KB */
+#define SPLIT_COLUMNS_MIN 4096 /* columns per thread from which the column split is used */
+
+static int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+/* acc[m, 0:nb] += sum over k in [k0, k1) of x[m, k] * W[k, n0:n0+nb], acc rows nb apart. */
+static void accumulate(int64_t M, int64_t k0, int64_t k1, int64_t N, int64_t n0, int64_t nb,
+                       const float *restrict x, int64_t ldx, const float *restrict W,
+                       float *restrict acc) {
+    int64_t k = k0;
+    for (; k + 4 <= k1; k += 4) {
+        const float *restrict w0 = W + k * N + n0;
+        const float *restrict w1 = w0 + N;
+        const float *restrict w2 = w1 + N;
+        const float *restrict w3 = w2 + N;
+        for (int64_t m = 0; m < M; m++) {
+            const float a0 = x[m * ldx + k], a1 = x[m * ldx + k + 1];
+            const float a2 = x[m * ldx + k + 2], a3 = x[m * ldx + k + 3];
+            float *restrict row = acc + m * nb;
+#pragma omp simd
+            for (int64_t j = 0; j < nb; j++)
+                row[j] += (a0 * w0[j] + a1 * w1[j]) + (a2 * w2[j] + a3 * w3[j]);
+        }
+    }
+    for (; k < k1; k++) {
+        const float *restrict w0 = W + k * N + n0;
+        for (int64_t m = 0; m < M; m++) {
+            const float a0 = x[m * ldx + k];
+            float *restrict row = acc + m * nb;
+#pragma omp simd
+            for (int64_t j = 0; j < nb; j++) row[j] += a0 * w0[j];
+        }
+    }
+}
+
+/* Columns [c0, c1) over rows [k0, k1), written (not added) to out[m, c] with row stride ldo. */
+static void band(int64_t M, int64_t k0, int64_t k1, int64_t N, int64_t c0, int64_t c1,
+                 const float *restrict x, int64_t ldx, const float *restrict W,
+                 float *restrict out, int64_t ldo) {
+    float acc[BLOCK_FLOATS] __attribute__((aligned(64)));
+    int64_t width = BLOCK_FLOATS / M;
+    width -= width % 16;
+    if (width < 16) width = 16;
+    for (int64_t n0 = c0; n0 < c1; n0 += width) {
+        const int64_t nb = min64(width, c1 - n0);
+        memset(acc, 0, sizeof(float) * (size_t)(M * nb));
+        accumulate(M, k0, k1, N, n0, nb, x, ldx, W, acc);
+        for (int64_t m = 0; m < M; m++)
+            memcpy(out + m * ldo + n0, acc + m * nb, sizeof(float) * (size_t)nb);
+    }
+}
+
+/* y = x @ W (+ b). scratch holds (threads - 1) * M * N floats for the K split's partial sums.
+ * M * 16 must not exceed BLOCK_FLOATS (M <= 256). */
+void kvlens_matmul_small(int64_t M, int64_t K, int64_t N, const float *x, int64_t ldx,
+                         const float *W, const float *b, float *y, float *scratch,
+                         int threads) {
+    if (threads < 1) threads = 1;
+    if (N >= SPLIT_COLUMNS_MIN * threads) {
+#pragma omp parallel num_threads(threads)
+        {
+            const int t = omp_get_num_threads(), i = omp_get_thread_num();
+            int64_t per = (N + t - 1) / t;
+            per += (16 - per % 16) % 16;
+            const int64_t c0 = min64(N, i * per), c1 = min64(N, c0 + per);
+            band(M, 0, K, N, c0, c1, x, ldx, W, y, N);
+            if (b)
+                for (int64_t m = 0; m < M; m++)
+                    for (int64_t n = c0; n < c1; n++) y[m * N + n] += b[n];
+        }
+        return;
+    }
+#pragma omp parallel num_threads(threads)
+    {
+        const int t = omp_get_num_threads(), i = omp_get_thread_num();
+        const int64_t per = (K + t - 1) / t;
+        const int64_t k0 = min64(K, i * per), k1 = min64(K, k0 + per);
+        float *out = i == 0 ? y : scratch + (int64_t)(i - 1) * M * N;
+        band(M, k0, k1, N, 0, N, x, ldx, W, out, N);
+#pragma omp barrier
+        int64_t per_n = (N + t - 1) / t;
+        const int64_t c0 = min64(N, i * per_n), c1 = min64(N, c0 + per_n);
+        for (int64_t m = 0; m < M; m++) {
+            float *restrict row = y + m * N;
+            for (int p = 1; p < t; p++) {
+                const float *restrict part = scratch + (int64_t)(p - 1) * M * N + m * N;
+#pragma omp simd
+                for (int64_t n = c0; n < c1; n++) row[n] += part[n];
+            }
+            if (b)
+#pragma omp simd
+                for (int64_t n = c0; n < c1; n++) row[n] += b[n];
+        }
+    }
+}
