@@ -6,6 +6,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
+from kvlens import kernels
 from kvlens.cache.entry import KeyValueCacheEntry
 from kvlens.cache.shared import SharedPrefixEntry
 from kvlens.components.attention_context import AttentionContext
@@ -182,7 +183,12 @@ class Attention(nn.Module):
         if cos is None or sin is None:
             raise ValueError("this attention layer is rotary but ctx carries no rotary angles")
         if joint:
-            qk = apply_rotary(heads[:, :, :n_qk], cos, sin, self.rotary_adjacent_pairs)
+            qk = heads[:, :, :n_qk]
+            if kernels.handles_rotary(qk, cos, sin):
+                # heads is this call's own matmul output and nothing has seen q or k yet.
+                kernels.rotary_inplace(qk, cos, sin, self.rotary_adjacent_pairs)
+            else:
+                qk = apply_rotary(qk, cos, sin, self.rotary_adjacent_pairs)
             q, k = qk[:, :, :n_q], qk[:, :, n_q:]
         else:
             q = apply_rotary(q, cos, sin, self.rotary_adjacent_pairs)

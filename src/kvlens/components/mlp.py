@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor, nn
 
+from kvlens import kernels
 from kvlens.components.linear import linear
 from kvlens.config import ActFn, ModelConfig
 from kvlens.hooks import HookPoint
@@ -102,6 +103,10 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
         gate_in = linear(x, self.W_gate_in, self.b_gate_in)
+        hooked = self.hook_pre.has_hooks or self.hook_pre_linear.has_hooks
+        if self.act is F.silu and not hooked and kernels.handles_silu_mul(gate_in):
+            post = self.hook_post(kernels.silu_mul(gate_in))  # one call for a decode step
+            return linear(post, self.W_out, self.b_out)
         pre = self.hook_pre(gate_in[..., : self.d_mlp])
         pre_linear = self.hook_pre_linear(gate_in[..., self.d_mlp :])
         post = self.hook_post(self.act(pre) * pre_linear)

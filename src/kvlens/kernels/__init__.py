@@ -128,6 +128,8 @@ def _load() -> ctypes.CDLL | None:
         "kvlens_decode_attention": [i64] * 5
         + [ptr, i64, i64, ptr, ptr, i64, i64, i64]
         + [ptr, i64, f32, ptr, ptr, i32],
+        "kvlens_rotary_inplace": [i64, i64, i64, ptr, i64, i64, ptr, ptr, i64, i32],
+        "kvlens_silu_mul": [i64, i64, ptr, i64, ptr],
     }
     for name, argtypes in signatures.items():
         fn = getattr(lib, name)
@@ -325,3 +327,75 @@ def decode_attention(
         threads or torch.get_num_threads(),
     )
     return out.transpose(1, 2)
+
+
+def handles_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> bool:
+    """Whether :func:`rotary_inplace` takes these (fp32 CPU, no autograd, few rows)."""
+    batch, n_new, heads, d_head = x.shape
+    half = cos.shape[-1]
+    if x.numel() > MAX_ROWS * heads * d_head or 2 * half > d_head or x.stride(-1) != 1:
+        return False
+    if cos.shape != sin.shape or cos.stride() != sin.stride() or cos.stride(-1) != 1:
+        return False
+    if cos.dim() != 4 or cos.shape[1] != n_new or cos.shape[0] not in (1, batch):
+        return False
+    return x.stride(0) == n_new * x.stride(1) and _plain_cpu_float(x, cos, sin) and available()
+
+
+def rotary_inplace(
+    x: Float[Tensor, "batch pos head d_head"],
+    cos: Float[Tensor, "batch pos 1 rotary_half"],
+    sin: Float[Tensor, "batch pos 1 rotary_half"],
+    adjacent_pairs: bool = False,
+) -> Float[Tensor, "batch pos head d_head"]:
+    """Rotate ``x`` in place as :func:`kvlens.components.positions.apply_rotary` would; ``x``.
+
+    Check :func:`handles_rotary` first. ``x`` must be a tensor nobody else reads (a fresh
+    projection), since its values are overwritten.
+    """
+    lib = library()
+    if lib is None:
+        raise RuntimeError("kvlens native kernels are not available")
+    batch, n_new, heads, _ = x.shape
+    rows = batch * n_new
+    # Rows (b, p) of x are x.stride(1) apart (checked); give cos and sin the same row layout.
+    if cos.shape[0] == 1 and n_new == 1:
+        cos_row = 0  # one angle row for every batch row
+    else:
+        if cos.shape[0] != batch or cos.stride(0) != n_new * cos.stride(1):
+            cos = cos.expand(batch, -1, -1, -1).contiguous()
+            sin = sin.expand(batch, -1, -1, -1).contiguous()
+        cos_row = cos.stride(1)
+    lib.kvlens_rotary_inplace(
+        rows,
+        heads,
+        cos.shape[-1],
+        x.data_ptr(),
+        x.stride(1),
+        x.stride(2),
+        cos.data_ptr(),
+        sin.data_ptr(),
+        cos_row,
+        int(adjacent_pairs),
+    )
+    return x
+
+
+def handles_silu_mul(gate_up: Tensor) -> bool:
+    """Whether :func:`silu_mul` takes ``gate_up`` ``[..., 2 * d_mlp]``."""
+    rows = gate_up.numel() // max(gate_up.shape[-1], 1)
+    if rows > MAX_ROWS or gate_up.shape[-1] % 2 or gate_up.stride(-1) != 1:
+        return False
+    return _plain_cpu_float(gate_up) and available()
+
+
+def silu_mul(gate_up: Float[Tensor, "... two_d_mlp"]) -> Float[Tensor, "... d_mlp"]:
+    """``silu(gate) * up`` where ``gate_up`` holds the gate then the input projection."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError("kvlens native kernels are not available")
+    d = gate_up.shape[-1] // 2
+    rows = gate_up.reshape(-1, 2 * d)
+    out = torch.empty(rows.shape[0], d, dtype=torch.float32)
+    lib.kvlens_silu_mul(rows.shape[0], d, rows.data_ptr(), rows.stride(0), out.data_ptr())
+    return out.view(*gate_up.shape[:-1], d)

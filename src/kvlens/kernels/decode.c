@@ -97,3 +97,44 @@ void kvlens_decode_attention(int64_t batch, int64_t n_heads, int64_t n_kv, int64
         }
     }
 }
+
+/* Rotary position embedding in place on rows of heads: x[r, h, :] at x + r*xs_r + h*xs_h,
+ * angles cos/sin[r, :half] at cos + r*cs_r (a stride of 0 broadcasts one row). Pairs are
+ * (i, i + half) or, with adjacent, (2i, 2i + 1); dimensions past 2 * half are left alone. */
+void kvlens_rotary_inplace(int64_t rows, int64_t heads, int64_t half, float *x, int64_t xs_r,
+                           int64_t xs_h, const float *cos, const float *sin, int64_t cs_r,
+                           int adjacent) {
+    for (int64_t r = 0; r < rows; r++) {
+        const float *restrict c = cos + r * cs_r;
+        const float *restrict s = sin + r * cs_r;
+        for (int64_t h = 0; h < heads; h++) {
+            float *restrict xh = x + r * xs_r + h * xs_h;
+            if (adjacent) {
+                for (int64_t i = 0; i < half; i++) {
+                    const float a = xh[2 * i], b = xh[2 * i + 1];
+                    xh[2 * i] = a * c[i] - b * s[i];
+                    xh[2 * i + 1] = b * c[i] + a * s[i];
+                }
+            } else {
+                float *restrict lo = xh;
+                float *restrict hi = xh + half;
+#pragma omp simd
+                for (int64_t i = 0; i < half; i++) {
+                    const float a = lo[i], b = hi[i];
+                    lo[i] = a * c[i] - b * s[i];
+                    hi[i] = b * c[i] + a * s[i];
+                }
+            }
+        }
+    }
+}
+
+/* Gated MLP activation: out[r, i] = silu(gate_up[r, i]) * gate_up[r, d + i], rows of 2d. */
+void kvlens_silu_mul(int64_t rows, int64_t d, const float *gate_up, int64_t ld, float *out) {
+    for (int64_t r = 0; r < rows; r++) {
+        const float *restrict g = gate_up + r * ld;
+        const float *restrict u = g + d;
+        float *restrict o = out + r * d;
+        for (int64_t i = 0; i < d; i++) o[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+    }
+}

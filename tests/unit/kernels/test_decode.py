@@ -88,3 +88,46 @@ def test_decode_attention_declines_what_it_does_not_do() -> None:
     assert not kernels.handles_decode_attention(q, k, k, torch.ones(1, 1, 1, 5))  # float mask
     assert not kernels.handles_decode_attention(q, k, k, torch.ones(1, 1, 2, 5, dtype=torch.bool))
     assert not kernels.handles_decode_attention(q, k, k.transpose(2, 3).contiguous().mT, None)
+
+
+@pytest.mark.parametrize("adjacent", [False, True])
+@pytest.mark.parametrize(
+    ("batch", "n_new", "cos_batch"), [(1, 1, 1), (3, 1, 1), (2, 4, 2), (2, 3, 1)]
+)
+def test_rotary_inplace_equals_apply_rotary(
+    adjacent: bool, batch: int, n_new: int, cos_batch: int
+) -> None:
+    from kvlens.components.positions import apply_rotary
+
+    gen = torch.Generator().manual_seed(3)
+    heads, d_head, half = 5, 16, 6  # rotary on 12 of 16 dimensions
+    # q and k as the attention makes them: leading heads of a fused projection's output.
+    fused = torch.randn(batch, n_new, heads + 2, d_head, generator=gen)
+    x = fused[:, :, :heads]
+    angles = torch.randn(cos_batch, n_new, 1, half, generator=gen)
+    cos, sin = angles.cos(), angles.sin()
+    expected = apply_rotary(x.clone(), cos, sin, adjacent)
+    untouched = fused[:, :, heads:].clone()
+    assert kernels.handles_rotary(x, cos, sin)
+    out = kernels.rotary_inplace(x, cos, sin, adjacent)
+    assert out.data_ptr() == x.data_ptr()
+    torch.testing.assert_close(x, expected, rtol=1e-6, atol=1e-6)
+    assert torch.equal(fused[:, :, heads:], untouched)
+
+
+def test_rotary_declines_what_it_does_not_do() -> None:
+    x, cos = torch.randn(1, 1, 2, 8), torch.randn(1, 1, 1, 4)
+    assert kernels.handles_rotary(x, cos, cos.clone())
+    assert not kernels.handles_rotary(x, torch.randn(1, 1, 1, 5), torch.randn(1, 1, 1, 5))
+    assert not kernels.handles_rotary(x.double(), cos.double(), cos.double())
+    assert not kernels.handles_rotary(torch.randn(1, 2, 2, 8), cos, cos.clone())  # pos mismatch
+
+
+def test_silu_mul_equals_torch() -> None:
+    gen = torch.Generator().manual_seed(4)
+    gate_up = torch.randn(2, 1, 2 * 40, generator=gen) * 4
+    assert kernels.handles_silu_mul(gate_up)
+    expected = F.silu(gate_up[..., :40]) * gate_up[..., 40:]
+    torch.testing.assert_close(kernels.silu_mul(gate_up), expected, rtol=1e-6, atol=1e-6)
+    assert not kernels.handles_silu_mul(torch.randn(1, 7))
+    assert not kernels.handles_silu_mul(torch.randn(kernels.MAX_ROWS + 1, 8))
