@@ -183,14 +183,19 @@ class Attention(nn.Module):
         if cos is None or sin is None:
             raise ValueError("this attention layer is rotary but ctx carries no rotary angles")
         if joint:
-            qk = heads[:, :, :n_qk]
-            if kernels.handles_rotary(qk, cos, sin):
-                # heads is this call's own matmul output and nothing has seen q or k yet.
-                kernels.rotary_inplace(qk, cos, sin, self.rotary_adjacent_pairs)
-            else:
-                qk = apply_rotary(qk, cos, sin, self.rotary_adjacent_pairs)
+            # In place is safe: heads is this call's own matmul output, unseen by any hook.
+            qk = kernels.rotary_(heads[:, :, :n_qk], cos, sin, self.rotary_adjacent_pairs)
+            if qk is None:
+                qk = apply_rotary(heads[:, :, :n_qk], cos, sin, self.rotary_adjacent_pairs)
             q, k = qk[:, :, :n_q], qk[:, :, n_q:]
         else:
-            q = apply_rotary(q, cos, sin, self.rotary_adjacent_pairs)
-            k = apply_rotary(k, cos, sin, self.rotary_adjacent_pairs)
+            q, k = self._rotate_copy(q, cos, sin), self._rotate_copy(k, cos, sin)
         return self.hook_rot_q(q), self.hook_rot_k(k), v
+
+    def _rotate_copy(
+        self, x: Float[Tensor, "batch pos head d_head"], cos: Tensor, sin: Tensor
+    ) -> Float[Tensor, "batch pos head d_head"]:
+        """Rotary on a copy of ``x`` (a hook may hold ``x``), with the joint path's arithmetic."""
+        copy = x.clone(memory_format=torch.contiguous_format)
+        rotated = kernels.rotary_(copy, cos, sin, self.rotary_adjacent_pairs)
+        return apply_rotary(x, cos, sin, self.rotary_adjacent_pairs) if rotated is None else rotated

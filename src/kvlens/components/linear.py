@@ -20,8 +20,9 @@ def linear(
     decoding as ``F.linear`` with ``[out, in]``, which is why every projection is stored this way.
     With a bias the product and the sum are one ``addmm`` call.
     """
-    if kernels.handles(x, weight, bias):
-        return kernels.matmul(x, weight, bias)
+    native = kernels.matmul(x, weight, bias)
+    if native is not None:
+        return native
     if bias is None:
         return x @ weight
     flat = x.reshape(-1, x.shape[-1])

@@ -60,9 +60,17 @@ class RMSNorm(nn.Module):
         self.hook_normalized = HookPoint()  # [batch, pos, d_model]
 
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
-        hooked = self.hook_normalized.has_hooks or self.hook_scale.has_hooks
-        if not hooked and kernels.handles_rms_norm(x, self.w):
-            return kernels.rms_norm(x, self.w, self.eps)  # a decode step's few rows
+        if not self.hook_scale.has_hooks:
+            # A decode step's few rows: natively, with w folded in unless hook_normalized must
+            # see the result before w (the same float operations either way).
+            if not self.hook_normalized.has_hooks:
+                native = kernels.rms_norm(x, self.w, self.eps)
+                if native is not None:
+                    return native
+            else:
+                native = kernels.rms_norm(x, None, self.eps)
+                if native is not None:
+                    return self.hook_normalized(native) * self.w
         x32 = x.float()
         if self.hook_scale.has_hooks:
             scale = self.hook_scale((x32.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())

@@ -1,13 +1,11 @@
 /* Small fused ops of a decode step, where torch's per-op cost exceeds the arithmetic.
  *
- * kvlens_rms_norm: y = x / sqrt(mean(x^2) + eps) * w over the last axis, a few rows.
- * kvlens_decode_attention: one new query per row against the cached keys and values, read in
- * place from the cache's [batch, kv_head, pos, d_head] storage (any strides), grouped-query heads
- * reading their shared key head once, with an optional per-row key mask.
+ * Each replaces several torch calls on a few rows (a decode step), where the per-call cost of
+ * torch ops exceeds their arithmetic: RMSNorm with its scale, rotary position embedding in place,
+ * and the gated MLP's SiLU-times-input.
  */
 #include <math.h>
 #include <stdint.h>
-#include <omp.h>
 
 void kvlens_rms_norm(int64_t rows, int64_t d, const float *x, int64_t ldx, const float *w,
                      float eps, float *y) {
@@ -24,76 +22,6 @@ void kvlens_rms_norm(int64_t rows, int64_t d, const float *x, int64_t ldx, const
         } else {
 #pragma omp simd
             for (int64_t i = 0; i < d; i++) yr[i] = xr[i] * inv;
-        }
-    }
-}
-
-#define MAX_GROUP 16
-
-/* q[b, h, :] at q + b*qs_b + h*qs_h; keys/values [b, g, j, :] at base + b*s_b + g*s_h + j*s_p;
- * mask[b, j] (nonzero: may attend) at mask + b*ms_b + j, or NULL; out[b, h, :] contiguous
- * [batch, n_heads, d]. scratch: batch * n_heads * kv_len floats. Query head h reads key head
- * h / (n_heads / n_kv). A row whose mask allows no key gets zeros. */
-void kvlens_decode_attention(int64_t batch, int64_t n_heads, int64_t n_kv, int64_t d,
-                             int64_t kv_len, const float *q, int64_t qs_b, int64_t qs_h,
-                             const float *k, const float *v, int64_t s_b, int64_t s_h,
-                             int64_t s_p, const uint8_t *mask, int64_t ms_b, float scale,
-                             float *out, float *scratch, int threads) {
-    const int64_t group = n_heads / n_kv;
-    const int64_t items = batch * n_kv;
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t item = 0; item < items; item++) {
-        const int64_t b = item / n_kv, g = item % n_kv;
-        const float *restrict kb = k + b * s_b + g * s_h;
-        const float *restrict vb = v + b * s_b + g * s_h;
-        const uint8_t *mb = mask ? mask + b * ms_b : 0;
-        float *scores = scratch + (b * n_heads + g * group) * kv_len;
-        float top[MAX_GROUP], total[MAX_GROUP];
-        const float *qh[MAX_GROUP];
-        for (int64_t i = 0; i < group; i++) {
-            qh[i] = q + b * qs_b + (g * group + i) * qs_h;
-            top[i] = -INFINITY;
-        }
-        for (int64_t j = 0; j < kv_len; j++) {
-            const float *restrict kj = kb + j * s_p;
-            const int allowed = !mb || mb[j];
-            for (int64_t i = 0; i < group; i++) {
-                float s = 0.0f;
-                const float *restrict qi = qh[i];
-#pragma omp simd reduction(+ : s)
-                for (int64_t c = 0; c < d; c++) s += qi[c] * kj[c];
-                s = allowed ? s * scale : -INFINITY;
-                scores[i * kv_len + j] = s;
-                if (s > top[i]) top[i] = s;
-            }
-        }
-        for (int64_t i = 0; i < group; i++) {
-            float *restrict si = scores + i * kv_len;
-            float sum = 0.0f;
-            if (top[i] == -INFINITY) {
-                for (int64_t j = 0; j < kv_len; j++) si[j] = 0.0f;
-            } else {
-                for (int64_t j = 0; j < kv_len; j++) {
-                    si[j] = expf(si[j] - top[i]);
-                    sum += si[j];
-                }
-            }
-            total[i] = sum > 0.0f ? 1.0f / sum : 0.0f;
-            float *restrict oi = out + (b * n_heads + g * group + i) * d;
-            for (int64_t c = 0; c < d; c++) oi[c] = 0.0f;
-        }
-        for (int64_t j = 0; j < kv_len; j++) {
-            const float *restrict vj = vb + j * s_p;
-            for (int64_t i = 0; i < group; i++) {
-                const float p = scores[i * kv_len + j];
-                float *restrict oi = out + (b * n_heads + g * group + i) * d;
-#pragma omp simd
-                for (int64_t c = 0; c < d; c++) oi[c] += p * vj[c];
-            }
-        }
-        for (int64_t i = 0; i < group; i++) {
-            float *restrict oi = out + (b * n_heads + g * group + i) * d;
-            for (int64_t c = 0; c < d; c++) oi[c] *= total[i];
         }
     }
 }
@@ -129,11 +57,12 @@ void kvlens_rotary_inplace(int64_t rows, int64_t heads, int64_t half, float *x, 
     }
 }
 
-/* Gated MLP activation: out[r, i] = silu(gate_up[r, i]) * gate_up[r, d + i], rows of 2d. */
-void kvlens_silu_mul(int64_t rows, int64_t d, const float *gate_up, int64_t ld, float *out) {
+/* Gated MLP activation: out[r, i] = silu(gate[r, i]) * up[r, i], rows ldg and ldu apart. */
+void kvlens_silu_mul(int64_t rows, int64_t d, const float *gate, int64_t ldg, const float *up,
+                     int64_t ldu, float *out) {
     for (int64_t r = 0; r < rows; r++) {
-        const float *restrict g = gate_up + r * ld;
-        const float *restrict u = g + d;
+        const float *restrict g = gate + r * ldg;
+        const float *restrict u = up + r * ldu;
         float *restrict o = out + r * d;
         for (int64_t i = 0; i < d; i++) o[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
     }
