@@ -1,9 +1,11 @@
-"""Where a kvlens decode step's time goes: single-row matrix products by weight layout.
+"""Where a kvlens decode step's time goes: single-row matrix products by weight layout and kernel.
 
 Prints, for each weight shape of SmolLM2-135M (and its unembedding), the effective read bandwidth
-of a one-row product under each layout and call, and then the time of a whole decode step of the
-real model beside the time of its matrix products alone. Small matrices are cycled through many
-copies so that they are read from memory, not from the caches, as in a real decode step.
+of a one-row product under each layout and call (kvlens's native kernel, MKL through torch, numpy),
+the machine's read bandwidth (a large ``sum``), and then the time of a whole decode step of the
+real model, with kvlens's native kernels and with torch alone, beside the time of its matrix
+products alone. Small matrices are cycled through many copies so that they are read from memory,
+not from the caches, as in a real decode step.
 
 Usage: .venv/bin/python benchmarks/bench_matvec.py [--threads 2]
 """
@@ -16,6 +18,9 @@ import time
 from collections.abc import Callable
 
 import torch
+
+from kvlens import kernels
+from kvlens.kernels import build
 
 SHAPES = [(49152, 576), (960, 576), (3072, 576), (576, 1536), (576, 576)]  # (out, in)
 
@@ -41,7 +46,8 @@ def layouts(out_features: int, in_features: int) -> dict[str, float]:
     x = torch.randn(1, in_features)
     xv, xn = x[0], x[0].numpy()
     calls: dict[str, Callable[[], object]] = {
-        "x @ W[in,out] (kvlens)": lambda: [x @ w for w in transposed],
+        "kvlens native W[in,out]": lambda: [kernels.matmul(x, w) for w in transposed],
+        "x @ W[in,out] (MKL)": lambda: [x @ w for w in transposed],
         "F.linear W[out,in]": lambda: [torch.nn.functional.linear(x, w) for w in weights],
         "torch.mv W[out,in]": lambda: [torch.mv(w, xv) for w in weights],
         "numpy W[out,in] @ x": lambda: [w @ xn for w in arrays],
@@ -49,8 +55,15 @@ def layouts(out_features: int, in_features: int) -> dict[str, float]:
     return {name: nbytes * copies / median_seconds(fn) / 1e9 for name, fn in calls.items()}
 
 
-def decode_step_split(threads: int) -> tuple[float, float, float]:
-    """(step ms, matmuls-only ms, weight MB) for the real SmolLM2 at a 40-token context."""
+def read_bandwidth() -> float:
+    """GB/s of a large ``sum`` (600 MB): what the memory gives a streaming read."""
+    big = torch.randn(150_000_000)
+    seconds = median_seconds(lambda: big.sum(), 10)
+    return big.numel() * 4 / seconds / 1e9
+
+
+def decode_step_split() -> dict[str, float]:
+    """Decode step and matrix-product times (ms) of the real SmolLM2 at a 40-token context."""
     import kvlens
 
     model = kvlens.HookedTransformer.from_pretrained(progress=False)
@@ -68,13 +81,25 @@ def decode_step_split(threads: int) -> tuple[float, float, float]:
             model(last, past_kv_cache=cache)
             cache.crop(-1)
 
-        def matmuls() -> None:
+        def matmuls_mkl() -> None:
             for w in weights:
                 rows[w.shape[0]] @ w
 
-        step_s = median_seconds(step, 20)
-        mm_s = median_seconds(matmuls, 20)
-    return step_s * 1e3, mm_s * 1e3, sum(w.numel() * 4 for w in weights) / 1e6
+        def matmuls_native() -> None:
+            for w in weights:
+                kernels.matmul(rows[w.shape[0]], w)
+
+        result = {"weights_mb": sum(w.numel() * 4 for w in weights) / 1e6}
+        result["step_native_ms"] = median_seconds(step, 20) * 1e3
+        result["matmuls_native_ms"] = median_seconds(matmuls_native, 20) * 1e3
+        result["matmuls_mkl_ms"] = median_seconds(matmuls_mkl, 20) * 1e3
+        lib = build._state.get("lib")
+        build._state["lib"] = None  # torch alone, as on a machine without a C compiler
+        try:
+            result["step_torch_ms"] = median_seconds(step, 20) * 1e3
+        finally:
+            build._state["lib"] = lib
+    return result
 
 
 def main() -> None:
@@ -91,10 +116,17 @@ def main() -> None:
             print("|---|" + "---:|" * len(names))
         cells = " | ".join(f"{result[n]:.1f} GB/s" for n in names)
         print(f"| {out_features} x {in_features} | {cells} |")
-    step_ms, mm_ms, mb = decode_step_split(args.threads)
+    if not kernels.available():
+        raise SystemExit("kvlens's native kernels are not available here (no C compiler?)")
+    print(f"\nRead bandwidth (a 600 MB sum): {read_bandwidth():.1f} GB/s")
+    split = decode_step_split()
+    mb = split["weights_mb"]
     print(
-        f"\nSmolLM2-135M decode step (batch 1, 40-token context): {step_ms:.1f} ms; its matrix "
-        f"products alone ({mb:.0f} MB of weights): {mm_ms:.1f} ms = {mb / mm_ms:.1f} GB/s"
+        f"SmolLM2-135M decode step (batch 1, 40-token context): {split['step_native_ms']:.1f} ms "
+        f"with kvlens's native kernels, {split['step_torch_ms']:.1f} ms with torch alone. Its "
+        f"matrix products alone ({mb:.0f} MB of weights): {split['matmuls_native_ms']:.1f} ms "
+        f"native ({mb / split['matmuls_native_ms']:.1f} GB/s), {split['matmuls_mkl_ms']:.1f} ms "
+        f"MKL ({mb / split['matmuls_mkl_ms']:.1f} GB/s)"
     )
 
 

@@ -66,7 +66,9 @@ def matmul(
         return None
     if not (_plain(x) and _plain(weight) and weight.is_contiguous()):
         return None
-    if bias is not None and not (_plain(bias) and bias.is_contiguous()):
+    if bias is not None and not (
+        _plain(bias) and bias.is_contiguous() and bias.shape == weight.shape[1:]
+    ):
         return None
     lib = library()
     if lib is None:

@@ -80,6 +80,7 @@ def test_declines_what_the_kernel_does_not_do() -> None:
     assert kernels.matmul(x, torch.randn(4, 8).t()) is None  # not contiguous
     assert kernels.matmul(x, torch.randn(7, 4)) is None  # d_in mismatch
     assert kernels.matmul(torch.randn(0, 8), w) is None
+    assert kernels.matmul(x, w, torch.randn(5)) is None  # bias of the wrong width
     needs_grad = w.clone().requires_grad_()
     assert kernels.matmul(x, needs_grad) is None
     with torch.no_grad():
