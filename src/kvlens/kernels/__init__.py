@@ -4,7 +4,8 @@ A decode step multiplies a few rows by every weight matrix of the model. On CPU 
 the speed at which the weights stream from memory, and MKL's one-row products reach only part of
 it (docs/benchmarks.md). ``matmul.c`` streams the weights sequentially instead; ``decode.c`` fuses
 the small ops around the products (RMSNorm, rotary, the gated MLP's activation), whose torch
-per-call cost exceeds their arithmetic on a few rows. See :mod:`kvlens.kernels.build` for how
+per-call cost exceeds their arithmetic on a few rows; ``attention.c`` attends from one new query
+per row to the cached keys and values, split across threads by chunks of keys. See :mod:`kvlens.kernels.build` for how
 they are compiled (once per machine) and when they are not used.
 
 Each op returns ``None`` for input it does not take (autograd, a dtype other than float32, a
@@ -23,7 +24,16 @@ from torch import Tensor
 
 from kvlens.kernels.build import available, library
 
-__all__ = ["MAX_ROWS", "available", "library", "matmul", "rms_norm", "rotary_", "silu_mul"]
+__all__ = [
+    "MAX_ROWS",
+    "available",
+    "decode_attention",
+    "library",
+    "matmul",
+    "rms_norm",
+    "rotary_",
+    "silu_mul",
+]
 
 MAX_ROWS = 16
 """Inputs with more rows than this (a prefill) go to torch, which is faster there."""
@@ -197,3 +207,75 @@ def silu_mul(
     out = torch.empty(gate.shape, dtype=_F32)
     lib.kvlens_silu_mul(n_rows, d, g.data_ptr(), ldg, u.data_ptr(), ldu, out.data_ptr())
     return out
+
+
+_ATTENTION_MAX_GROUP, _ATTENTION_MAX_D_HEAD, _ATTENTION_CHUNK = 8, 256, 256  # as in attention.c
+
+
+def decode_attention(
+    q: Float[Tensor, "batch head_index 1 d_head"],
+    k: Float[Tensor, "batch kv_head kv_pos d_head"],
+    v: Float[Tensor, "batch kv_head kv_pos d_head"],
+    mask: Tensor | None = None,
+    threads: int | None = None,
+) -> Float[Tensor, "batch head_index 1 d_head"] | None:
+    """Softmax attention of one query per row over keys and values read in place, or ``None``.
+
+    Args:
+        q: Queries (any strides with a contiguous last axis).
+        k: Keys, e.g. views of the cache's storage; query head ``h`` reads key head
+            ``h // (n_heads / n_kv)`` (at most 8 query heads per key head; ``d_head <= 256``).
+        v: Values, with the shape and strides of ``k``.
+        mask: Bool ``[batch, 1, 1, kv_pos]``, True where the query may attend; a row with no
+            allowed key gets zeros.
+        threads: OpenMP threads; default torch's count.
+
+    Returns a view of a contiguous ``[batch, 1, head_index, d_head]`` tensor, so transposing it
+    back (as the attention layer does) costs nothing.
+    """
+    batch, n_heads, n_new, d_head = q.shape
+    if n_new != 1 or k.dim() != 4 or k.shape != v.shape or k.stride() != v.stride():
+        return None
+    n_kv, kv_len = k.shape[1], k.shape[2]
+    if k.shape[0] != batch or k.shape[3] != d_head or kv_len == 0 or n_heads % n_kv:
+        return None
+    if n_heads // n_kv > _ATTENTION_MAX_GROUP or d_head > _ATTENTION_MAX_D_HEAD:
+        return None
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or not (_plain(q) and _plain(k) and _plain(v)):
+        return None
+    if mask is not None and (
+        mask.dtype is not torch.bool
+        or tuple(mask.shape) != (batch, 1, 1, kv_len)
+        or mask.stride(-1) != 1
+        or not mask.is_cpu
+    ):
+        return None
+    lib = library()
+    if lib is None:
+        return None
+    group = n_heads // n_kv
+    chunks = -(-kv_len // _ATTENTION_CHUNK)
+    out = torch.empty(batch, 1, n_heads, d_head, dtype=_F32)
+    scratch = _scratch(batch * n_kv * chunks * group * (d_head + 2))
+    lib.kvlens_decode_attention(
+        batch,
+        n_heads,
+        n_kv,
+        d_head,
+        kv_len,
+        q.data_ptr(),
+        q.stride(0),
+        q.stride(1),
+        k.data_ptr(),
+        v.data_ptr(),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        None if mask is None else mask.data_ptr(),
+        0 if mask is None else mask.stride(0),
+        d_head**-0.5,
+        out.data_ptr(),
+        scratch.data_ptr(),
+        threads or torch.get_num_threads(),
+    )
+    return out.transpose(1, 2)

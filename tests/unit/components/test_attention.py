@@ -73,7 +73,15 @@ def test_fast_path_reads_the_cache_storage_without_copying(monkeypatch) -> None:
         seen.append((k.data_ptr(), v.data_ptr()))
         return real(q, k, v, **kwargs)
 
+    real_native = attention_math.kernels.decode_attention
+
+    def spy_native(q, k, v, mask=None, threads=None):
+        seen.append((k.data_ptr(), v.data_ptr()))
+        return real_native(q, k, v, mask, threads)
+
+    # A decode step goes to the native kernel when it is built, else to torch: spy on both.
     monkeypatch.setattr(attention_math.F, "scaled_dot_product_attention", spy)
+    monkeypatch.setattr(attention_math.kernels, "decode_attention", spy_native)
     with torch.no_grad():
         attn(
             torch.randn(1, 3, 16),
