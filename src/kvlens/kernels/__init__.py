@@ -5,8 +5,9 @@ the speed at which the weights stream from memory, and MKL's one-row products re
 it (docs/benchmarks.md). ``matmul.c`` streams the weights sequentially instead; ``decode.c`` fuses
 the small ops around the products (RMSNorm, rotary, the gated MLP's activation), whose torch
 per-call cost exceeds their arithmetic on a few rows; ``attention.c`` attends from one new query
-per row to the cached keys and values, split across threads by chunks of keys. See :mod:`kvlens.kernels.build` for how
-they are compiled (once per machine) and when they are not used.
+per row to the cached keys and values, split across threads by chunks of keys. See
+:mod:`kvlens.kernels.build` for how they are compiled (once per machine) and when they are not
+used.
 
 Each op returns ``None`` for input it does not take (autograd, a dtype other than float32, a
 device other than the CPU, more than :data:`MAX_ROWS` rows, an unsupported layout, or no library),
