@@ -215,6 +215,10 @@ def cmd_info(args: argparse.Namespace) -> None:
         f"kv cache at full context ({cfg.n_ctx} tokens): "
         f"{cfg.kv_bytes_per_token * cfg.n_ctx / 2**20:.1f} MiB per batch row"
     )
+    from kvlens import kernels  # imported here, as the model is: `kvlens --help` stays fast
+
+    native = "yes" if kernels.available() else "no (torch does their work)"
+    print(f"native decode kernels: {native}")
 
 
 COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info}

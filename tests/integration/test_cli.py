@@ -115,6 +115,7 @@ def test_info_prints_config_and_cache_bytes_per_token(tiny_folder, capsys):
     # 2 layers x (keys + values) x 2 kv heads x d_head 8 x 4 bytes
     assert "kv cache bytes per token: 256" in out
     assert "n_layers: 2" in out
+    assert "native decode kernels: " in out
 
 
 @pytest.mark.parametrize(

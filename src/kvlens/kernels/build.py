@@ -1,9 +1,10 @@
 """Compiling and loading kvlens's C kernels: once per machine, cached, never required.
 
-The sources (``*.c`` beside this file) are compiled with the system C compiler
-(``cc -O3 -march=native -fopenmp``) into ``~/.cache/kvlens/kernels`` (``$KVLENS_CACHE_DIR`` or
-``$XDG_CACHE_HOME`` move it), one file per source, compiler and CPU, written atomically, and
-loaded with ctypes. The library links the OpenMP runtime torch has already loaded, so both share
+The sources (``*.c`` beside this file; GCC's C with its vector extensions) are compiled with the
+system C compiler (``cc -O3 -march=native -fopenmp``, about two seconds) into one shared library
+in ``~/.cache/kvlens/kernels`` (``$KVLENS_CACHE_DIR`` or ``$XDG_CACHE_HOME`` move it), named by a
+hash of the sources, the compiler, the flags and the CPU, written atomically, and loaded with
+ctypes. The library links the OpenMP runtime torch has already loaded, so both share
 one thread pool; if loading it would bring in a second runtime, it is not used.
 
 :func:`library` returns ``None`` (and torch does the work) with no compiler, a failed build, or
@@ -32,7 +33,7 @@ _state: dict[str, ctypes.CDLL | None] = {}
 
 
 def cache_dir() -> Path:
-    """Where compiled kernels are kept (one file per source, compiler and CPU)."""
+    """Where compiled kernels are kept."""
     root = os.environ.get("KVLENS_CACHE_DIR")
     if root:
         return Path(root) / "kernels"
@@ -61,6 +62,7 @@ def build(compiler: str) -> Path:
     if target.exists():
         return target
     directory.mkdir(parents=True, exist_ok=True)
+    logger.info("kvlens: compiling the native kernels into %s (once per machine)", target)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=directory)
     os.close(fd)
     try:
