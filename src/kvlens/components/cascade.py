@@ -24,6 +24,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
+from kvlens import kernels
 from kvlens.components.attention_context import causal_mask
 
 Partial = tuple[Float[Tensor, "batch head_index pos d_head"], Float[Tensor, "batch head_index pos"]]
@@ -74,12 +75,17 @@ def suffix_attention(
 ) -> Partial:
     """Each row's queries against its own suffix keys: normalised output and log-sum-exp.
 
-    For one new token the query heads sharing a key head are folded into the query axis (their
-    mask row is the same): fewer, larger problems than one per query head, as in
-    ``attention_math.fused_attention``.
+    For one new token this is kvlens's native decode kernel when it is built
+    (:func:`kvlens.kernels.decode_attention_lse`); otherwise the query heads sharing a key head
+    are folded into the query axis (their mask row is the same): fewer, larger problems than one
+    per query head, as in ``attention_math.fused_attention``.
     """
     batch, n_heads, n_new, d_head = q.shape
     n_kv = k.shape[1]
+    if n_new == 1 and not is_causal:
+        native = kernels.decode_attention_lse(q, k, v, mask)
+        if native is not None:
+            return native
     if n_new > 1 or is_causal or n_kv == n_heads:
         return _partial(q, k, v, mask, is_causal)
     folded = q.reshape(batch, n_kv, n_heads // n_kv, d_head)

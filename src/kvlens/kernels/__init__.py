@@ -29,6 +29,7 @@ __all__ = [
     "MAX_ROWS",
     "available",
     "decode_attention",
+    "decode_attention_lse",
     "library",
     "matmul",
     "rms_norm",
@@ -234,6 +235,31 @@ def decode_attention(
     Returns a view of a contiguous ``[batch, 1, head_index, d_head]`` tensor, so transposing it
     back (as the attention layer does) costs nothing.
     """
+    result = _decode_attention(q, k, v, mask, threads, with_lse=False)
+    return None if result is None else result[0]
+
+
+def decode_attention_lse(
+    q: Float[Tensor, "batch head_index 1 d_head"],
+    k: Float[Tensor, "batch kv_head kv_pos d_head"],
+    v: Float[Tensor, "batch kv_head kv_pos d_head"],
+    mask: Tensor | None = None,
+    threads: int | None = None,
+) -> tuple[Float[Tensor, "batch head_index 1 d_head"], Float[Tensor, "batch head_index 1"]] | None:
+    """:func:`decode_attention` and the log-sum-exp of each query's scaled scores, or ``None``.
+
+    The log-sum-exp (``-inf`` where no key is allowed) lets a caller merge this result with
+    attention over other keys exactly (cascade attention over a shared prefix).
+    """
+    result = _decode_attention(q, k, v, mask, threads, with_lse=True)
+    if result is None or result[1] is None:
+        return None
+    return result[0], result[1]
+
+
+def _decode_attention(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, threads: int | None, with_lse: bool
+) -> tuple[Tensor, Tensor | None] | None:
     batch, n_heads, n_new, d_head = q.shape
     if n_new != 1 or k.dim() != 4 or k.shape != v.shape or k.stride() != v.stride():
         return None
@@ -257,6 +283,7 @@ def decode_attention(
     group = n_heads // n_kv
     chunks = -(-kv_len // _ATTENTION_CHUNK)
     out = torch.empty(batch, 1, n_heads, d_head, dtype=_F32)
+    lse = torch.empty(batch, n_heads, 1, dtype=_F32) if with_lse else None
     scratch = _scratch(batch * n_kv * chunks * group * (d_head + 2))
     lib.kvlens_decode_attention(
         batch,
@@ -276,7 +303,8 @@ def decode_attention(
         0 if mask is None else mask.stride(0),
         d_head**-0.5,
         out.data_ptr(),
+        None if lse is None else lse.data_ptr(),
         scratch.data_ptr(),
         threads or torch.get_num_threads(),
     )
-    return out.transpose(1, 2)
+    return out.transpose(1, 2), lse

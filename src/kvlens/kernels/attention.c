@@ -157,13 +157,15 @@ static void chunk(const problem *P, int64_t b, int64_t g, int64_t j0, int64_t j1
 
 /* out[b, h, :] (contiguous [batch, n_heads, d]) = softmax attention of query q[b, h] over keys
  * [0, kv_len) of key head h / (n_heads / n_kv); mask[b, j] nonzero where allowed (or NULL);
- * a row with no allowed key gets zeros. scratch: batch * n_kv * ceil(kv_len / 256) *
- * group * (d + 2) floats. Needs n_heads / n_kv <= 8 and d <= 256. */
+ * a row with no allowed key gets zeros. lse[b, h] (contiguous, or NULL) gets the log-sum-exp
+ * of the scaled scores (-inf for a row with no allowed key), for merging with other keys.
+ * scratch: batch * n_kv * ceil(kv_len / 256) * group * (d + 2) floats. Needs n_heads / n_kv <= 8
+ * and d <= 256. */
 void kvlens_decode_attention(int64_t batch, int64_t n_heads, int64_t n_kv, int64_t d,
                              int64_t kv_len, const float *q, int64_t qs_b, int64_t qs_h,
                              const float *k, const float *v, int64_t s_b, int64_t s_h,
                              int64_t s_p, const uint8_t *mask, int64_t ms_b, float scale,
-                             float *out, float *scratch, int threads) {
+                             float *out, float *lse, float *scratch, int threads) {
     const int64_t group = n_heads / n_kv;
     const int64_t chunks = (kv_len + CHUNK - 1) / CHUNK;
     const int64_t per_item = group * (d + 2);
@@ -190,6 +192,7 @@ void kvlens_decode_attention(int64_t batch, int64_t n_heads, int64_t n_kv, int64
                 }
                 float *o = out + (bg * group + i) * d; /* bg * group + i = b * n_heads + h */
                 memset(o, 0, sizeof(float) * (size_t)d);
+                if (lse) lse[bg * group + i] = -INFINITY;
                 if (best == -INFINITY) continue;
                 float denominator = 0.0f;
                 for (int64_t c = 0; c < chunks; c++) {
@@ -200,6 +203,7 @@ void kvlens_decode_attention(int64_t batch, int64_t n_heads, int64_t n_kv, int64
                     const float *a = part + 2 * group + i * d;
                     for (int64_t e = 0; e < d; e++) o[e] += w * a[e];
                 }
+                if (lse) lse[bg * group + i] = best + logf(denominator);
                 const float inv = 1.0f / denominator;
                 for (int64_t e = 0; e < d; e++) o[e] *= inv;
             }

@@ -121,7 +121,7 @@ def load() -> ctypes.CDLL | None:
         "kvlens_silu_mul": [i64, i64, ptr, i64, ptr, i64, ptr],
         "kvlens_decode_attention": [i64] * 5
         + [ptr, i64, i64, ptr, ptr, i64, i64, i64]
-        + [ptr, i64, f32, ptr, ptr, i32],
+        + [ptr, i64, f32, ptr, ptr, ptr, i32],
     }
     for name, argtypes in signatures.items():
         fn = getattr(lib, name)

@@ -85,3 +85,23 @@ def test_declines_what_it_does_not_do() -> None:
     assert kernels.decode_attention(q, k, k, torch.ones(1, 1, 2, 5, dtype=torch.bool)) is None
     assert kernels.decode_attention(q, k, k.transpose(2, 3).contiguous().mT) is None  # strides
     assert kernels.decode_attention(q, k[:, :, :0], k[:, :, :0]) is None  # no keys
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_log_sum_exp_of_the_scaled_scores(masked: bool) -> None:
+    gen = torch.Generator().manual_seed(7)
+    q = torch.randn(2, 6, 1, 16, generator=gen)
+    k, v = torch.randn(2, 2, 300, 16, generator=gen), torch.randn(2, 2, 300, 16, generator=gen)
+    mask = None
+    if masked:
+        mask = torch.rand(2, 1, 1, 300, generator=gen) > 0.5
+        mask[1] = False  # a row with no allowed key: lse -inf, output zeros
+    result = kernels.decode_attention_lse(q, k, v, mask)
+    assert result is not None
+    out, lse = result
+    assert lse.shape == (2, 6, 1)
+    scores = (q.double() @ k.double().repeat_interleave(3, 1).transpose(-1, -2)) * 16**-0.5
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    torch.testing.assert_close(lse, torch.logsumexp(scores, -1).float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, reference(q, k, v, mask), rtol=1e-5, atol=2e-6)
