@@ -102,6 +102,40 @@ def decode_step_split() -> dict[str, float]:
     return result
 
 
+def products_by_rows(model_weights: list[torch.Tensor]) -> dict[int, tuple[float, float]]:
+    """ms for all of a decode step's products at 8-64 rows: (native kernel, MKL)."""
+    out: dict[int, tuple[float, float]] = {}
+    lib = build.library()
+    assert lib is not None
+    scratch = torch.empty(64 * max(w.shape[1] for w in model_weights))
+    for rows in (8, 16, 32, 64):
+        xs = {w.shape[0]: torch.randn(rows, w.shape[0]) for w in model_weights}
+        results = {w.shape: torch.empty(rows, w.shape[1]) for w in model_weights}
+
+        def native(rows: int = rows, xs: dict = xs, results: dict = results) -> None:
+            for w in model_weights:
+                k, n = w.shape
+                lib.kvlens_matmul_small(
+                    rows,
+                    k,
+                    n,
+                    xs[k].data_ptr(),
+                    k,
+                    w.data_ptr(),
+                    None,
+                    results[w.shape].data_ptr(),
+                    scratch.data_ptr(),
+                    torch.get_num_threads(),
+                )
+
+        def mkl(xs: dict = xs, results: dict = results) -> None:
+            for w in model_weights:
+                torch.mm(xs[w.shape[0]], w, out=results[w.shape])
+
+        out[rows] = (median_seconds(native, 5) * 1e3, median_seconds(mkl, 5) * 1e3)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -128,6 +162,16 @@ def main() -> None:
         f"native ({mb / split['matmuls_native_ms']:.1f} GB/s), {split['matmuls_mkl_ms']:.1f} ms "
         f"MKL ({mb / split['matmuls_mkl_ms']:.1f} GB/s)"
     )
+    import kvlens
+
+    model = kvlens.HookedTransformer.from_pretrained(progress=False)
+    weights = [model.unembed.W_U.detach()]
+    for block in model.blocks:
+        mats = (block.attn.W_QKV, block.attn.W_O_flat, block.mlp.W_gate_in, block.mlp.W_out)
+        weights += [w.detach() for w in mats]
+    print("\nAll of SmolLM2's decode-step products at several rows (ms): native kernel / MKL")
+    for rows, (native_ms, mkl_ms) in products_by_rows(weights).items():
+        print(f"  {rows} rows: {native_ms:.1f} / {mkl_ms:.1f}")
 
 
 if __name__ == "__main__":

@@ -37,8 +37,9 @@ __all__ = [
     "silu_mul",
 ]
 
-MAX_ROWS = 16
-"""Inputs with more rows than this (a prefill) go to torch, which is faster there."""
+MAX_ROWS = 32
+"""Inputs with more rows than this (a prefill) go to torch. Up to 32 rows the native product
+beats MKL's (SmolLM2's matrices at 32 rows: 86 vs 151 ms in all); at 64 they are even."""
 
 _F32 = torch.float32
 _SINGLE_THREAD_BYTES = 256 * 1024  # smaller weights are not worth waking a second thread

@@ -88,7 +88,7 @@ static void band(int64_t M, int64_t k0, int64_t k1, int64_t N, int64_t c0, int64
 }
 
 /* y = x @ W (+ b). scratch holds (threads - 1) * M * N floats for the K split's partial sums.
- * M * 16 must not exceed BLOCK_FLOATS (M <= 256). */
+ * M * 16 must not exceed BLOCK_FLOATS (M <= 512). */
 void kvlens_matmul_small(int64_t M, int64_t K, int64_t N, const float *x, int64_t ldx,
                          const float *W, const float *b, float *y, float *scratch,
                          int threads) {
