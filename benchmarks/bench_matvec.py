@@ -136,6 +136,22 @@ def products_by_rows(model_weights: list[torch.Tensor]) -> dict[int, tuple[float
     return out
 
 
+def attention_by_context() -> dict[int, tuple[float, float]]:
+    """µs of one layer's decode attention (SmolLM2's 9 heads over 3): (native, SDPA folded)."""
+    out: dict[int, tuple[float, float]] = {}
+    for keys in (128, 1024, 4096):
+        q = torch.randn(1, 1, 9, 64).transpose(1, 2)
+        k, v = torch.randn(1, 3, keys, 64), torch.randn(1, 3, keys, 64)
+        folded = q.reshape(1, 3, 3, 64)
+        native = median_seconds(lambda q=q, k=k, v=v: kernels.decode_attention(q, k, v), 200)
+        sdpa = median_seconds(
+            lambda f=folded, k=k, v=v: torch.nn.functional.scaled_dot_product_attention(f, k, v),
+            200,
+        )
+        out[keys] = (native * 1e6, sdpa * 1e6)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -172,6 +188,10 @@ def main() -> None:
     print("\nAll of SmolLM2's decode-step products at several rows (ms): native kernel / MKL")
     for rows, (native_ms, mkl_ms) in products_by_rows(weights).items():
         print(f"  {rows} rows: {native_ms:.1f} / {mkl_ms:.1f}")
+    print("\nOne layer's attention of one query (9 heads over 3 kv heads, d_head 64), µs:")
+    print("native kernel / scaled_dot_product_attention with the heads folded")
+    for keys, (native_us, sdpa_us) in attention_by_context().items():
+        print(f"  {keys} keys: {native_us:.0f} / {sdpa_us:.0f}")
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ __all__ = [
 
 MAX_ROWS = 32
 """Inputs with more rows than this (a prefill) go to torch. Up to 32 rows the native product
-beats MKL's (SmolLM2's matrices at 32 rows: 86 vs 151 ms in all); at 64 they are even."""
+beats MKL's, at 64 MKL is ahead (``benchmarks/bench_matvec.py`` times both)."""
 
 _F32 = torch.float32
 _SINGLE_THREAD_BYTES = 256 * 1024  # smaller weights are not worth waking a second thread
