@@ -39,7 +39,7 @@ __all__ = [
 
 MAX_ROWS = 32
 """Inputs with more rows than this (a prefill) go to torch. Up to 32 rows the native product
-beats MKL's, at 64 MKL is ahead (``benchmarks/bench_matvec.py`` times both)."""
+is well ahead of MKL's; at 64 they are close (``benchmarks/bench_matvec.py`` times both)."""
 
 _F32 = torch.float32
 _SINGLE_THREAD_BYTES = 256 * 1024  # smaller weights are not worth waking a second thread
