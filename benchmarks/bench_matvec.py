@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import torch
 
-from kvlens import kernels
+from kvlens import HookedTransformer, KeyValueCache, kernels
 from kvlens.kernels import build
 
 SHAPES = [(49152, 576), (960, 576), (3072, 576), (576, 1536), (576, 576)]  # (out, in)
@@ -62,16 +62,20 @@ def read_bandwidth() -> float:
     return big.numel() * 4 / seconds / 1e9
 
 
-def decode_step_split() -> dict[str, float]:
-    """Decode step and matrix-product times (ms) of the real SmolLM2 at a 40-token context."""
-    import kvlens
-
-    model = kvlens.HookedTransformer.from_pretrained(progress=False)
-    tokens = model.to_tokens("The capital of France is a city of many bridges")
-    cache = kvlens.KeyValueCache.init_cache(model.cfg, None, 1, 256)
-    weights = [model.unembed.W_U]
+def step_weights(model: HookedTransformer) -> list[torch.Tensor]:
+    """Every weight matrix a decode step multiplies by: the unembedding and 4 per layer."""
+    weights = [model.unembed.W_U.detach()]
     for block in model.blocks:
-        weights += [block.attn.W_QKV, block.attn.W_O_flat, block.mlp.W_gate_in, block.mlp.W_out]
+        mats = (block.attn.W_QKV, block.attn.W_O_flat, block.mlp.W_gate_in, block.mlp.W_out)
+        weights += [w.detach() for w in mats]
+    return weights
+
+
+def decode_step_split(model: HookedTransformer) -> dict[str, float]:
+    """Decode step and matrix-product times (ms) of the real SmolLM2 at a 40-token context."""
+    tokens = model.to_tokens("The capital of France is a city of many bridges")
+    cache = KeyValueCache.init_cache(model.cfg, None, 1, 256)
+    weights = step_weights(model)
     rows = {w.shape[0]: torch.randn(1, w.shape[0]) for w in weights}
     with torch.no_grad():
         model(tokens, past_kv_cache=cache)
@@ -169,7 +173,8 @@ def main() -> None:
     if not kernels.available():
         raise SystemExit("kvlens's native kernels are not available here (no C compiler?)")
     print(f"\nRead bandwidth (a 600 MB sum): {read_bandwidth():.1f} GB/s")
-    split = decode_step_split()
+    model = HookedTransformer.from_pretrained(progress=False)
+    split = decode_step_split(model)
     mb = split["weights_mb"]
     print(
         f"SmolLM2-135M decode step (batch 1, 40-token context): {split['step_native_ms']:.1f} ms "
@@ -178,13 +183,7 @@ def main() -> None:
         f"native ({mb / split['matmuls_native_ms']:.1f} GB/s), {split['matmuls_mkl_ms']:.1f} ms "
         f"MKL ({mb / split['matmuls_mkl_ms']:.1f} GB/s)"
     )
-    import kvlens
-
-    model = kvlens.HookedTransformer.from_pretrained(progress=False)
-    weights = [model.unembed.W_U.detach()]
-    for block in model.blocks:
-        mats = (block.attn.W_QKV, block.attn.W_O_flat, block.mlp.W_gate_in, block.mlp.W_out)
-        weights += [w.detach() for w in mats]
+    weights = step_weights(model)
     print("\nAll of SmolLM2's decode-step products at several rows (ms): native kernel / MKL")
     for rows, (native_ms, mkl_ms) in products_by_rows(weights).items():
         print(f"  {rows} rows: {native_ms:.1f} / {mkl_ms:.1f}")

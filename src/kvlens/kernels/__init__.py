@@ -87,7 +87,7 @@ def matmul(
     if lib is None:
         return None
     d_out = weight.shape[1]
-    rows, row_stride = _rows(x if x.stride(-1) == 1 else x.contiguous(), n_rows)
+    rows, row_stride = _rows(x, n_rows)
     if threads is None:
         threads = 1 if d_in * d_out * 4 < _SINGLE_THREAD_BYTES else torch.get_num_threads()
     out = torch.empty((*x.shape[:-1], d_out), dtype=_F32)
@@ -124,7 +124,7 @@ def rms_norm(
     lib = library()
     if lib is None:
         return None
-    rows, row_stride = _rows(x if x.stride(-1) == 1 else x.contiguous(), n_rows)
+    rows, row_stride = _rows(x, n_rows)
     out = torch.empty(x.shape, dtype=_F32)
     w = None if weight is None else weight.data_ptr()
     lib.kvlens_rms_norm(n_rows, d, rows.data_ptr(), row_stride, w, eps, out.data_ptr())
@@ -179,12 +179,15 @@ def rotary_(
 
 
 def _rows(x: Tensor, n_rows: int) -> tuple[Tensor, int]:
-    """``x`` as ``n_rows`` rows and their stride; ``x``'s last axis must be contiguous.
+    """``x`` as ``n_rows`` rows with a contiguous last axis, and their stride.
 
     A view when the rows are evenly spaced (a slice of a wider output), else a copy: the caller
     holds the returned tensor until its native call returns.
     """
     if x.is_contiguous():
+        return x, x.shape[-1]
+    if x.stride(-1) != 1:
+        x = x.contiguous()
         return x, x.shape[-1]
     rows = x.reshape(n_rows, x.shape[-1])
     return rows, rows.stride(0)

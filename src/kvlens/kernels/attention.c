@@ -13,7 +13,6 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
-#include <omp.h>
 
 typedef float vec16 __attribute__((vector_size(64)));
 typedef float vec16u __attribute__((vector_size(64), aligned(4))); /* unaligned access */
@@ -61,7 +60,7 @@ static inline vec16 exp16(vec16 x) {
 }
 
 typedef struct {
-    int64_t n_kv, group, d, kv_len;
+    int64_t group, d;
     const float *q;
     int64_t qs_b, qs_h;
     const float *k, *v;
@@ -169,8 +168,7 @@ void kvlens_decode_attention(int64_t batch, int64_t n_heads, int64_t n_kv, int64
     const int64_t group = n_heads / n_kv;
     const int64_t chunks = (kv_len + CHUNK - 1) / CHUNK;
     const int64_t per_item = group * (d + 2);
-    const problem P = {n_kv, group, d, kv_len, q, qs_b, qs_h, k, v, s_b, s_h, s_p,
-                       mask, ms_b, scale};
+    const problem P = {group, d, q, qs_b, qs_h, k, v, s_b, s_h, s_p, mask, ms_b, scale};
     const int64_t items = batch * n_kv * chunks;
     if (items < threads) threads = (int)items;
 #pragma omp parallel num_threads(threads)

@@ -19,15 +19,8 @@
 #include <string.h>
 #include <omp.h>
 
-#ifndef BLOCK_FLOATS
 #define BLOCK_FLOATS 8192 /* accumulator block: M * block width <= 8192 floats = 32 KB */
-#endif
-#ifndef SPLIT_COLUMNS_MIN
 #define SPLIT_COLUMNS_MIN 4096 /* columns per thread from which the column split is used */
-#endif
-#ifndef PREFETCH_ROWS
-#define PREFETCH_ROWS 0
-#endif
 
 static int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
@@ -41,15 +34,6 @@ static void accumulate(int64_t M, int64_t k0, int64_t k1, int64_t N, int64_t n0,
         const float *restrict w1 = w0 + N;
         const float *restrict w2 = w1 + N;
         const float *restrict w3 = w2 + N;
-#if PREFETCH_ROWS
-        if (k + PREFETCH_ROWS + 4 <= k1)
-            for (int64_t j = 0; j < nb; j += 16) {
-                __builtin_prefetch(w0 + PREFETCH_ROWS * N + j);
-                __builtin_prefetch(w1 + PREFETCH_ROWS * N + j);
-                __builtin_prefetch(w2 + PREFETCH_ROWS * N + j);
-                __builtin_prefetch(w3 + PREFETCH_ROWS * N + j);
-            }
-#endif
         for (int64_t m = 0; m < M; m++) {
             const float a0 = x[m * ldx + k], a1 = x[m * ldx + k + 1];
             const float a2 = x[m * ldx + k + 2], a3 = x[m * ldx + k + 3];
