@@ -201,6 +201,29 @@ class KeyValueCacheEntry:
             self._length = end
         return self._keys_by_pos.narrow(1, 0, end), self._values_by_pos.narrow(1, 0, end)
 
+    def claim(
+        self, n_new: int
+    ) -> tuple[
+        Float[Tensor, "batch kv_head capacity d_head"],
+        Float[Tensor, "batch kv_head capacity d_head"],
+        int,
+    ]:
+        """Room for ``n_new`` positions after the committed ones, for a writer of its own.
+
+        :meth:`append` for code that writes the storage itself (the native decode layer):
+        returns the key and value storage ``[batch, kv_head, capacity, d_head]`` (grown if need
+        be) and the first position to write. Nothing is committed until :meth:`commit`.
+        """
+        end = self._length + n_new
+        if end > self._capacity:
+            self.reserve(end)
+        return self._keys, self._values, self._length
+
+    def commit(self, n_new: int) -> None:
+        """Count ``n_new`` positions written after a :meth:`claim` (unless frozen, as appends)."""
+        if not self.frozen:
+            self._length += n_new
+
     def check_new(self, new_keys: Tensor, new_values: Tensor) -> None:
         """Raise ``ValueError``/``TypeError`` unless these can be appended to this entry."""
         _check_pair(new_keys, new_values, names=("new_keys", "new_values"))

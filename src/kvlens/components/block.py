@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor, nn
+from torch.nn.modules import module as torch_module
 
 from kvlens.cache.entry import KeyValueCacheEntry
 from kvlens.cache.shared import SharedPrefixEntry
 from kvlens.components.attention import Attention
 from kvlens.components.attention_context import AttentionContext
-from kvlens.components.mlp import make_mlp
-from kvlens.components.norm import make_norm
+from kvlens.components.mlp import GatedMLP, make_mlp
+from kvlens.components.norm import RMSNorm, make_norm
 from kvlens.config import ModelConfig
 from kvlens.hooks import HookPoint
+from kvlens.kernels.layer import LayerWeights, decode_layer
 
 
 class TransformerBlock(nn.Module):
@@ -21,6 +24,10 @@ class TransformerBlock(nn.Module):
     With ``cfg.parallel_attn_mlp`` (GPT-NeoX) both read ``resid_pre`` and add in parallel:
     ``resid_post = resid_pre + attn_out + mlp_out``. Such a block has no ``hook_resid_mid``
     (TransformerLens declares one that never fires).
+
+    A decode step (one new token per row, a plain cache entry) of a Llama-family block with no
+    hook attached runs as one native call (:func:`kvlens.kernels.layer.decode_layer`), bitwise
+    equal to the op-by-op path that hooks see.
     """
 
     def __init__(self, cfg: ModelConfig, block_index: int) -> None:
@@ -37,6 +44,9 @@ class TransformerBlock(nn.Module):
             self.hook_resid_mid = HookPoint()  # [batch, pos, d_model]
         self.hook_mlp_out = HookPoint()  # [batch, pos, d_model]
         self.hook_resid_post = HookPoint()  # [batch, pos, d_model]
+        self.rotary_adjacent_pairs = cfg.rotary_adjacent_pairs
+        self._native_parts: tuple[nn.Module, ...] = ()  # the submodules last seen
+        self._native_points: tuple[HookPoint, ...] = ()  # and the block's hook points then
 
     def forward(
         self,
@@ -45,6 +55,10 @@ class TransformerBlock(nn.Module):
         cache_entry: KeyValueCacheEntry | SharedPrefixEntry | None = None,
     ) -> Float[Tensor, "batch pos d_model"]:
         """Run the block on the new tokens; ``cache_entry`` (if any) gets their keys and values."""
+        if type(cache_entry) is KeyValueCacheEntry and resid_pre.shape[1] == 1:
+            out = self._decode_natively(resid_pre, ctx, cache_entry)
+            if out is not None:
+                return out
         resid_pre = self.hook_resid_pre(resid_pre)
         attn_out = self.hook_attn_out(self.attn(self.ln1(resid_pre), ctx, cache_entry))
         if self.parallel:
@@ -53,3 +67,70 @@ class TransformerBlock(nn.Module):
         resid_mid = self.hook_resid_mid(resid_pre + attn_out)
         mlp_out = self.hook_mlp_out(self.mlp(self.ln2(resid_mid)))
         return self.hook_resid_post(resid_mid + mlp_out)
+
+    def _decode_natively(
+        self,
+        resid_pre: Float[Tensor, "batch 1 d_model"],
+        ctx: AttentionContext,
+        entry: KeyValueCacheEntry,
+    ) -> Float[Tensor, "batch 1 d_model"] | None:
+        """The block as one native call, or ``None`` if anything calls for the op-by-op path.
+
+        That path is taken when a hook (a hook point's or a torch module hook) could observe an
+        activation, when a part is not the Llama family's (LayerNorm, plain MLP, parallel
+        attention and MLP, a replaced submodule) or when the kernel declines the input.
+        """
+        parts = self._modules
+        ln1, attn, ln2, mlp = parts["ln1"], parts["attn"], parts["ln2"], parts["mlp"]
+        if (
+            self.parallel
+            or type(ln1) is not RMSNorm
+            or type(ln2) is not RMSNorm
+            or type(attn) is not Attention
+            or type(mlp) is not GatedMLP
+            or mlp.act is not F.silu
+            or ln1.eps != ln2.eps
+            or ctx.is_causal
+            or torch_module._global_forward_hooks
+            or torch_module._global_forward_pre_hooks
+        ):
+            return None
+        if (ln1, attn, ln2, mlp) != self._native_parts:
+            self._native_parts = (ln1, attn, ln2, mlp)
+            self._native_points = tuple(m for m in self.modules() if isinstance(m, HookPoint))
+        for part in self._native_parts:
+            if part._forward_hooks or part._forward_pre_hooks:
+                return None
+        for point in self._native_points:
+            if point._fns or point._forward_hooks or point._forward_pre_hooks:
+                return None
+        if entry.n_kv_heads != attn.n_kv_heads or entry.d_head != attn.d_head:
+            return None  # the op-by-op path raises the error
+        if entry.batch_size != resid_pre.shape[0]:
+            return None
+        rotary = None
+        if attn.rotary:
+            if ctx.rotary_cos is None or ctx.rotary_sin is None:
+                return None
+            rotary = (ctx.rotary_cos, ctx.rotary_sin, self.rotary_adjacent_pairs)
+        a, m = attn._parameters, mlp._parameters
+        weights = LayerWeights(
+            ln1._parameters["w"],
+            a["W_QKV"],
+            a.get("b_QKV"),
+            a["W_O_flat"],
+            a.get("b_O"),
+            ln2._parameters["w"],
+            m["W_gate_in"],
+            m.get("b_gate_in"),
+            m["W_out"],
+            m.get("b_out"),
+        )
+        keys, values, pos = entry.claim(1)
+        out = decode_layer(
+            resid_pre, weights, ln1.eps, attn.n_heads, attn.d_head, keys, values, pos,
+            ctx.attn_mask, rotary,
+        )  # fmt: skip
+        if out is not None:
+            entry.commit(1)
+        return out

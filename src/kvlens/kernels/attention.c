@@ -14,6 +14,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "kernels.h"
+
 typedef float vec16 __attribute__((vector_size(64)));
 typedef float vec16u __attribute__((vector_size(64), aligned(4))); /* unaligned access */
 typedef int32_t ivec16 __attribute__((vector_size(64)));
@@ -154,57 +156,71 @@ static void chunk(const problem *P, int64_t b, int64_t g, int64_t j0, int64_t j1
     }
 }
 
-/* out[b, h, :] (contiguous [batch, n_heads, d]) = softmax attention of query q[b, h] over keys
- * [0, kv_len) of key head h / (n_heads / n_kv); mask[b, j] nonzero where allowed (or NULL);
- * a row with no allowed key gets zeros. lse[b, h] (contiguous, or NULL) gets the log-sum-exp
- * of the scaled scores (-inf for a row with no allowed key), for merging with other keys.
- * scratch: batch * n_kv * ceil(kv_len / 256) * group * (d + 2) floats. Needs n_heads / n_kv <= 8
- * and d <= 256. */
-void kvlens_decode_attention(int64_t batch, int64_t n_heads, int64_t n_kv, int64_t d,
-                             int64_t kv_len, const float *q, int64_t qs_b, int64_t qs_h,
-                             const float *k, const float *v, int64_t s_b, int64_t s_h,
-                             int64_t s_p, const uint8_t *mask, int64_t ms_b, float scale,
-                             float *out, float *lse, float *scratch, int threads) {
+int64_t kvlens__attention_scratch(int64_t batch, int64_t n_heads, int64_t n_kv, int64_t d,
+                                  int64_t kv_len) {
+    const int64_t group = n_heads / n_kv, chunks = (kv_len + CHUNK - 1) / CHUNK;
+    return batch * n_kv * chunks * group * (d + 2);
+}
+
+void kvlens__attention_team(int64_t batch, int64_t n_heads, int64_t n_kv, int64_t d,
+                            int64_t kv_len, const float *q, int64_t qs_b, int64_t qs_h,
+                            const float *k, const float *v, int64_t s_b, int64_t s_h,
+                            int64_t s_p, const uint8_t *mask, int64_t ms_b, float scale,
+                            float *out, float *lse, float *scratch) {
     const int64_t group = n_heads / n_kv;
     const int64_t chunks = (kv_len + CHUNK - 1) / CHUNK;
     const int64_t per_item = group * (d + 2);
     const problem P = {group, d, q, qs_b, qs_h, k, v, s_b, s_h, s_p, mask, ms_b, scale};
     const int64_t items = batch * n_kv * chunks;
-    if (items < threads) threads = (int)items;
-#pragma omp parallel num_threads(threads)
-    {
 #pragma omp for schedule(static)
-        for (int64_t item = 0; item < items; item++) {
-            const int64_t c = item % chunks, bg = item / chunks;
-            const int64_t j0 = c * CHUNK, j1 = j0 + CHUNK < kv_len ? j0 + CHUNK : kv_len;
-            float *part = scratch + item * per_item;
-            chunk(&P, bg / n_kv, bg % n_kv, j0, j1, part, part + group, part + 2 * group);
-        }
+    for (int64_t item = 0; item < items; item++) {
+        const int64_t c = item % chunks, bg = item / chunks;
+        const int64_t j0 = c * CHUNK, j1 = j0 + CHUNK < kv_len ? j0 + CHUNK : kv_len;
+        float *part = scratch + item * per_item;
+        chunk(&P, bg / n_kv, bg % n_kv, j0, j1, part, part + group, part + 2 * group);
+    }
 #pragma omp for schedule(static)
-        for (int64_t bg = 0; bg < batch * n_kv; bg++) {
-            for (int64_t i = 0; i < group; i++) {
-                float best = -INFINITY;
-                for (int64_t c = 0; c < chunks; c++) {
-                    const float t = scratch[(bg * chunks + c) * per_item + i];
-                    best = t > best ? t : best;
-                }
-                float *o = out + (bg * group + i) * d; /* bg * group + i = b * n_heads + h */
-                memset(o, 0, sizeof(float) * (size_t)d);
-                if (lse) lse[bg * group + i] = -INFINITY;
-                if (best == -INFINITY) continue;
-                float denominator = 0.0f;
-                for (int64_t c = 0; c < chunks; c++) {
-                    const float *part = scratch + (bg * chunks + c) * per_item;
-                    if (part[i] == -INFINITY) continue;
-                    const float w = expf(part[i] - best);
-                    denominator += w * part[group + i];
-                    const float *a = part + 2 * group + i * d;
-                    for (int64_t e = 0; e < d; e++) o[e] += w * a[e];
-                }
-                if (lse) lse[bg * group + i] = best + logf(denominator);
-                const float inv = 1.0f / denominator;
-                for (int64_t e = 0; e < d; e++) o[e] *= inv;
+    for (int64_t bg = 0; bg < batch * n_kv; bg++) {
+        for (int64_t i = 0; i < group; i++) {
+            float best = -INFINITY;
+            for (int64_t c = 0; c < chunks; c++) {
+                const float t = scratch[(bg * chunks + c) * per_item + i];
+                best = t > best ? t : best;
             }
+            float *o = out + (bg * group + i) * d; /* bg * group + i = b * n_heads + h */
+            memset(o, 0, sizeof(float) * (size_t)d);
+            if (lse) lse[bg * group + i] = -INFINITY;
+            if (best == -INFINITY) continue;
+            float denominator = 0.0f;
+            for (int64_t c = 0; c < chunks; c++) {
+                const float *part = scratch + (bg * chunks + c) * per_item;
+                if (part[i] == -INFINITY) continue;
+                const float w = expf(part[i] - best);
+                denominator += w * part[group + i];
+                const float *a = part + 2 * group + i * d;
+                for (int64_t e = 0; e < d; e++) o[e] += w * a[e];
+            }
+            if (lse) lse[bg * group + i] = best + logf(denominator);
+            const float inv = 1.0f / denominator;
+            for (int64_t e = 0; e < d; e++) o[e] *= inv;
         }
     }
+}
+
+/* out[b, h, :] (contiguous [batch, n_heads, d]) = softmax attention of query q[b, h] over keys
+ * [0, kv_len) of key head h / (n_heads / n_kv); mask[b, j] nonzero where allowed (or NULL);
+ * a row with no allowed key gets zeros. lse[b, h] (contiguous, or NULL) gets the log-sum-exp
+ * of the scaled scores (-inf for a row with no allowed key), for merging with other keys.
+ * scratch: kvlens__attention_scratch(...) floats, batch * n_kv * ceil(kv_len / 256) * group *
+ * (d + 2). Needs n_heads / n_kv <= 8 and d <= 256. */
+void kvlens_decode_attention(int64_t batch, int64_t n_heads, int64_t n_kv, int64_t d,
+                             int64_t kv_len, const float *q, int64_t qs_b, int64_t qs_h,
+                             const float *k, const float *v, int64_t s_b, int64_t s_h,
+                             int64_t s_p, const uint8_t *mask, int64_t ms_b, float scale,
+                             float *out, float *lse, float *scratch, int threads) {
+    const int64_t items = batch * n_kv * ((kv_len + CHUNK - 1) / CHUNK);
+    if (items < threads) threads = (int)items;
+#pragma omp parallel num_threads(threads)
+    kvlens__attention_team(batch, n_heads, n_kv, d, kv_len, q, qs_b, qs_h, k, v, s_b, s_h, s_p,
+                           mask, ms_b, scale, out, lse, scratch);
 }

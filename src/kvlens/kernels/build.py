@@ -1,10 +1,10 @@
 """Compiling and loading kvlens's C kernels: once per machine, cached, never required.
 
-The sources (``*.c`` beside this file; GCC's C with its vector extensions) are compiled with the
-system C compiler (``cc -O3 -march=native -fopenmp``, about two seconds) into one shared library
-in ``~/.cache/kvlens/kernels`` (``$KVLENS_CACHE_DIR`` or ``$XDG_CACHE_HOME`` move it), named by a
-hash of the sources, the compiler, the flags and the CPU, written atomically, and loaded with
-ctypes. The library links the OpenMP runtime torch has already loaded, so both share
+The sources (``*.c`` and ``kernels.h`` beside this file; GCC's C with its vector extensions) are
+compiled with the system C compiler (``cc -O3 -march=native -fopenmp``, a few seconds) into one
+shared library in ``~/.cache/kvlens/kernels`` (``$KVLENS_CACHE_DIR`` or ``$XDG_CACHE_HOME`` move
+it), named by a hash of the sources, the compiler, the flags and the CPU, written atomically, and
+loaded with ctypes. The library links the OpenMP runtime torch has already loaded, so both share
 one thread pool; if loading it would bring in a second runtime, it is not used.
 
 :func:`library` returns ``None`` (and torch does the work) with no compiler, a failed build, or
@@ -27,6 +27,7 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 SOURCES = tuple(sorted(Path(__file__).parent.glob("*.c")))
+HEADERS = tuple(sorted(Path(__file__).parent.glob("*.h")))
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
 _lock = threading.Lock()
 _state: dict[str, ctypes.CDLL | None] = {}
@@ -54,7 +55,7 @@ def _cpu_signature() -> str:
 
 def build(compiler: str) -> Path:
     """Compile the C sources unless a build for them, this compiler and CPU exists; its path."""
-    parts = [p.read_bytes() for p in SOURCES]
+    parts = [p.read_bytes() for p in SOURCES + HEADERS]
     parts += [compiler.encode(), " ".join(FLAGS).encode(), _cpu_signature().encode()]
     key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:20]
     directory = cache_dir()
@@ -122,10 +123,13 @@ def load() -> ctypes.CDLL | None:
         "kvlens_decode_attention": [i64] * 5
         + [ptr, i64, i64, ptr, ptr, i64, i64, i64]
         + [ptr, i64, f32, ptr, ptr, ptr, i32],
+        "kvlens_decode_layer": [ptr],
     }
     for name, argtypes in signatures.items():
         fn = getattr(lib, name)
         fn.restype, fn.argtypes = None, argtypes
+    lib.kvlens_decode_layer_workspace.restype = i64
+    lib.kvlens_decode_layer_workspace.argtypes = [ptr]
     return lib
 
 

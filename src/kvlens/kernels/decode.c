@@ -7,6 +7,8 @@
 #include <math.h>
 #include <stdint.h>
 
+#include "kernels.h"
+
 void kvlens_rms_norm(int64_t rows, int64_t d, const float *x, int64_t ldx, const float *w,
                      float eps, float *y) {
     for (int64_t r = 0; r < rows; r++) {

@@ -19,6 +19,8 @@
 #include <string.h>
 #include <omp.h>
 
+#include "kernels.h"
+
 #define BLOCK_FLOATS 8192 /* accumulator block: M * block width <= 8192 floats = 32 KB */
 #define SPLIT_COLUMNS_MIN 4096 /* columns per thread from which the column split is used */
 
@@ -71,16 +73,11 @@ static void band(int64_t M, int64_t k0, int64_t k1, int64_t N, int64_t c0, int64
     }
 }
 
-/* y = x @ W (+ b). scratch holds (threads - 1) * M * N floats for the K split's partial sums.
- * M * 16 must not exceed BLOCK_FLOATS (M <= 512). */
-void kvlens_matmul_small(int64_t M, int64_t K, int64_t N, const float *x, int64_t ldx,
-                         const float *W, const float *b, float *y, float *scratch,
-                         int threads) {
-    if (threads < 1) threads = 1;
-    if (N >= SPLIT_COLUMNS_MIN * threads) {
-#pragma omp parallel num_threads(threads)
-        {
-            const int t = omp_get_num_threads(), i = omp_get_thread_num();
+void kvlens__matmul_team(int64_t M, int64_t K, int64_t N, const float *x, int64_t ldx,
+                         const float *W, const float *b, float *y, float *scratch, int t) {
+    const int i = omp_get_thread_num();
+    if (N >= SPLIT_COLUMNS_MIN * t) {
+        if (i < t) {
             int64_t per = (N + t - 1) / t;
             per += (16 - per % 16) % 16;
             const int64_t c0 = min64(N, i * per), c1 = min64(N, c0 + per);
@@ -89,16 +86,19 @@ void kvlens_matmul_small(int64_t M, int64_t K, int64_t N, const float *x, int64_
                 for (int64_t m = 0; m < M; m++)
                     for (int64_t n = c0; n < c1; n++) y[m * N + n] += b[n];
         }
+#pragma omp barrier
         return;
     }
-#pragma omp parallel num_threads(threads)
-    {
-        const int t = omp_get_num_threads(), i = omp_get_thread_num();
+    if (i < t) {
         const int64_t per = (K + t - 1) / t;
         const int64_t k0 = min64(K, i * per), k1 = min64(K, k0 + per);
         float *out = i == 0 ? y : scratch + (int64_t)(i - 1) * M * N;
         band(M, k0, k1, N, 0, N, x, ldx, W, out, N);
+    }
+    if (t > 1) {
 #pragma omp barrier
+    }
+    if (i < t) {
         int64_t per_n = (N + t - 1) / t;
         const int64_t c0 = min64(N, i * per_n), c1 = min64(N, c0 + per_n);
         for (int64_t m = 0; m < M; m++) {
@@ -113,4 +113,15 @@ void kvlens_matmul_small(int64_t M, int64_t K, int64_t N, const float *x, int64_
                 for (int64_t n = c0; n < c1; n++) row[n] += b[n];
         }
     }
+#pragma omp barrier
+}
+
+/* y = x @ W (+ b). scratch holds (threads - 1) * M * N floats for the K split's partial sums.
+ * M * 16 must not exceed BLOCK_FLOATS (M <= 512). */
+void kvlens_matmul_small(int64_t M, int64_t K, int64_t N, const float *x, int64_t ldx,
+                         const float *W, const float *b, float *y, float *scratch,
+                         int threads) {
+    if (threads < 1) threads = 1;
+#pragma omp parallel num_threads(threads)
+    kvlens__matmul_team(M, K, N, x, ldx, W, b, y, scratch, omp_get_num_threads());
 }

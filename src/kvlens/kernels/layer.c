@@ -1,0 +1,115 @@
+/* One decoder layer of a decode step in one call: the Llama-family block (RMSNorm, attention
+ * with optional rotary, gated SiLU MLP, sequential residual) for a few rows of one new token.
+ *
+ * Called one op at a time from Python, a layer costs about a dozen native or torch calls, each
+ * with its own Python dispatch and OpenMP fork and join; at batch 1 that overhead is about a
+ * fifth of a decode step. Here the whole layer runs in a single parallel region, its phases
+ * separated by barriers. Every phase calls the same function the op-by-op path calls, on the
+ * same rows with the same thread split, so the result is bitwise equal to that path's: a hook
+ * that returns its input (which makes kvlens take the op-by-op path) changes nothing.
+ */
+#include <stdint.h>
+#include <string.h>
+#include <omp.h>
+
+#include "kernels.h"
+
+/* Mirrored field for field by kvlens/kernels/layer.py (ctypes). */
+typedef struct {
+    int64_t rows, d_model, n_heads, n_kv, d_head, d_mlp, rotary_half;
+    int64_t pos;            /* the new key and value go to this position; attention reads 0..pos */
+    int64_t s_b, s_h, s_p;  /* strides of the cache's keys and values, in floats */
+    int64_t ms_b, cos_row;  /* mask row stride (bytes), cos/sin row stride (0: one shared row) */
+    float eps, scale;
+    int32_t adjacent, threads;
+    const float *x;         /* [rows, d_model], the residual stream entering the layer */
+    float *out;             /* [rows, d_model], leaving it */
+    const float *ln1_w, *w_qkv, *b_qkv, *w_o, *b_o;
+    const float *ln2_w, *w_gate_in, *b_gate_in, *w_out, *b_out;
+    const float *cos, *sin; /* rotary angles, NULL for a model without rotary */
+    float *k_cache, *v_cache;
+    const uint8_t *mask;    /* [rows, pos + 1] with row stride ms_b, or NULL */
+    float *work;            /* kvlens_decode_layer_workspace(...) floats */
+} kvlens_layer;
+
+static int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
+
+static int64_t qkv_width(const kvlens_layer *L) { return (L->n_heads + 2 * L->n_kv) * L->d_head; }
+
+/* Floats of L->work the layer needs with L->threads threads. */
+int64_t kvlens_decode_layer_workspace(const kvlens_layer *L) {
+    const int64_t R = L->rows, D = L->d_model, W = qkv_width(L), F = L->d_mlp;
+    const int64_t widest = max64(max64(W, D), 2 * F);
+    const int64_t attention =
+        kvlens__attention_scratch(R, L->n_heads, L->n_kv, L->d_head, L->pos + 1);
+    return R * (3 * D + W + L->n_heads * L->d_head + 3 * F) +
+           (int64_t)(L->threads - 1) * R * widest + attention;
+}
+
+/* Threads a product of a K x N weight gets: one for small weights, as kernels.matmul decides. */
+static int product_threads(int64_t K, int64_t N, int team) {
+    return K * N * 4 < KVLENS_SINGLE_THREAD_BYTES ? 1 : team;
+}
+
+/* This thread's share [c0, c1) of n columns, in pieces of multiples of 64. */
+static void share(int64_t n, int t, int i, int64_t *c0, int64_t *c1) {
+    int64_t per = (n + t - 1) / t;
+    per += (64 - per % 64) % 64;
+    *c0 = per * i < n ? per * i : n;
+    *c1 = *c0 + per < n ? *c0 + per : n;
+}
+
+void kvlens_decode_layer(const kvlens_layer *L) {
+    const int64_t R = L->rows, D = L->d_model, W = qkv_width(L), F = L->d_mlp;
+    const int64_t H = L->n_heads, KV = L->n_kv, dh = L->d_head, HD = H * dh;
+    float *xn = L->work, *qkv = xn + R * D, *z = qkv + R * W, *ao = z + R * HD;
+    float *mid = ao + R * D, *gate_in = mid + R * D, *post = gate_in + R * 2 * F;
+    float *partial = post + R * F;
+    float *att = partial + (int64_t)(L->threads - 1) * R * max64(max64(W, D), 2 * F);
+#pragma omp parallel num_threads(L->threads)
+    {
+        const int team = omp_get_num_threads(), i = omp_get_thread_num();
+        /* Attention half: norm, q/k/v, rotary, the new key and value into the cache. */
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < R; r++)
+            kvlens_rms_norm(1, D, L->x + r * D, D, L->ln1_w, L->eps, xn + r * D);
+        kvlens__matmul_team(R, D, W, xn, D, L->w_qkv, L->b_qkv, qkv, partial,
+                            product_threads(D, W, team));
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < R; r++) {
+            float *row = qkv + r * W;
+            if (L->cos)
+                kvlens_rotary_inplace(1, H + KV, L->rotary_half, row, W, dh,
+                                      L->cos + r * L->cos_row, L->sin + r * L->cos_row, 0,
+                                      L->adjacent);
+            for (int64_t g = 0; g < KV; g++) {
+                const int64_t at = r * L->s_b + g * L->s_h + L->pos * L->s_p;
+                memcpy(L->k_cache + at, row + (H + g) * dh, sizeof(float) * (size_t)dh);
+                memcpy(L->v_cache + at, row + (H + KV + g) * dh, sizeof(float) * (size_t)dh);
+            }
+        }
+        kvlens__attention_team(R, H, KV, dh, L->pos + 1, qkv, W, dh, L->k_cache, L->v_cache,
+                               L->s_b, L->s_h, L->s_p, L->mask, L->ms_b, L->scale, z, 0, att);
+        kvlens__matmul_team(R, HD, D, z, HD, L->w_o, L->b_o, ao, partial,
+                            product_threads(HD, D, team));
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < R; r++) {
+            for (int64_t c = 0; c < D; c++) mid[r * D + c] = L->x[r * D + c] + ao[r * D + c];
+            kvlens_rms_norm(1, D, mid + r * D, D, L->ln2_w, L->eps, xn + r * D);
+        }
+        /* MLP half. */
+        kvlens__matmul_team(R, D, 2 * F, xn, D, L->w_gate_in, L->b_gate_in, gate_in, partial,
+                            product_threads(D, 2 * F, team));
+        int64_t c0, c1;
+        share(F, team, i, &c0, &c1);
+        for (int64_t r = 0; r < R && c0 < c1; r++)
+            kvlens_silu_mul(1, c1 - c0, gate_in + r * 2 * F + c0, 2 * F,
+                            gate_in + r * 2 * F + F + c0, 2 * F, post + r * F + c0);
+#pragma omp barrier
+        kvlens__matmul_team(R, F, D, post, F, L->w_out, L->b_out, ao, partial,
+                            product_threads(F, D, team));
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < R; r++)
+            for (int64_t c = 0; c < D; c++) L->out[r * D + c] = mid[r * D + c] + ao[r * D + c];
+    }
+}

@@ -1,0 +1,194 @@
+"""A whole decoder layer of a decode step in one native call (``layer.c``).
+
+Op by op, a Llama-family layer at batch 1 is about a dozen native and torch calls, and their
+Python dispatch and thread wake-ups cost about a fifth of the step. :func:`decode_layer` runs the
+layer in one call with the same arithmetic, so its output is bitwise equal to the op-by-op path's
+(tested). The caller (:class:`kvlens.components.block.TransformerBlock`) uses it only when no
+hook is attached to the block: hooks need the activations, which this call never materializes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+from typing import NamedTuple
+
+import torch
+from jaxtyping import Bool, Float
+from torch import Tensor
+
+from kvlens.kernels.build import library
+
+_F32 = torch.float32
+_MAX_ROWS = 32  # as kernels.MAX_ROWS
+_MAX_GROUP, _MAX_D_HEAD = 8, 256  # as in attention.c
+_local = threading.local()
+
+
+class _Layer(ctypes.Structure):
+    """``kvlens_layer`` of layer.c, field for field."""
+
+    _fields_ = [
+        *((name, ctypes.c_int64) for name in ("rows", "d_model", "n_heads", "n_kv", "d_head")),
+        *((name, ctypes.c_int64) for name in ("d_mlp", "rotary_half", "pos", "s_b", "s_h")),
+        *((name, ctypes.c_int64) for name in ("s_p", "ms_b", "cos_row")),
+        ("eps", ctypes.c_float),
+        ("scale", ctypes.c_float),
+        ("adjacent", ctypes.c_int32),
+        ("threads", ctypes.c_int32),
+        *((name, ctypes.c_void_p) for name in ("x", "out", "ln1_w", "w_qkv", "b_qkv", "w_o")),
+        *((name, ctypes.c_void_p) for name in ("b_o", "ln2_w", "w_gate_in", "b_gate_in")),
+        *((name, ctypes.c_void_p) for name in ("w_out", "b_out", "cos", "sin", "k_cache")),
+        *((name, ctypes.c_void_p) for name in ("v_cache", "mask", "work")),
+    ]
+
+
+class LayerWeights(NamedTuple):
+    """A Llama-family layer's parameters in kvlens's layout (weights ``[in, out]``).
+
+    Biases may be ``None``; so may any field as the module holds it (``decode_layer`` then
+    declines), which lets a block pass its parameter dicts' entries without checks.
+    """
+
+    ln1_w: Float[Tensor, " d_model"] | None
+    w_qkv: Float[Tensor, "d_model qkv"] | None
+    b_qkv: Float[Tensor, " qkv"] | None
+    w_o: Float[Tensor, "q_width d_model"] | None
+    b_o: Float[Tensor, " d_model"] | None
+    ln2_w: Float[Tensor, " d_model"] | None
+    w_gate_in: Float[Tensor, "d_model two_d_mlp"] | None
+    b_gate_in: Float[Tensor, " two_d_mlp"] | None
+    w_out: Float[Tensor, "d_mlp d_model"] | None
+    b_out: Float[Tensor, " d_model"] | None
+
+
+def _ok(t: Tensor | None, shape: tuple[int, ...], optional: bool = False) -> bool:
+    """Contiguous float32 on the CPU of ``shape`` with no gradient to track (or ``None``)."""
+    if t is None:
+        return optional
+    return (
+        t.dtype is _F32
+        and t.is_cpu
+        and t.is_contiguous()
+        and t.shape == shape
+        and not (t.requires_grad and torch.is_grad_enabled())
+    )
+
+
+def _address(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _workspace(numel: int) -> Tensor:
+    buffer = getattr(_local, "work", None)
+    if buffer is None or buffer.numel() < numel:
+        buffer = _local.work = torch.empty(max(numel, 1 << 16), dtype=_F32)
+    return buffer
+
+
+def decode_layer(
+    x: Float[Tensor, "batch 1 d_model"],
+    weights: LayerWeights,
+    eps: float,
+    n_heads: int,
+    d_head: int,
+    keys: Float[Tensor, "batch kv_head capacity d_head"],
+    values: Float[Tensor, "batch kv_head capacity d_head"],
+    pos: int,
+    mask: Bool[Tensor, "batch 1 1 kv_pos"] | None,
+    rotary: tuple[Tensor, Tensor, bool] | None,
+) -> Float[Tensor, "batch 1 d_model"] | None:
+    """The residual stream after one Llama-family layer, or ``None`` where this does not apply.
+
+    Writes the new token's key and value (after rotary) into ``keys[:, :, pos]`` and
+    ``values[:, :, pos]`` and attends over positions ``0..pos``; the caller commits the position.
+    Returns ``None``, having written nothing, for input it does not take: no library, more than
+    32 rows, a dtype other than float32, tensors not contiguous on the CPU, autograd, or an
+    attention shape the native attention does not handle.
+
+    Args:
+        x: The residual stream entering the layer, one new token per row.
+        weights: The layer's parameters.
+        eps: RMSNorm's epsilon (both norms).
+        n_heads: Query heads; ``d_head`` their width.
+        keys: The layer's key storage ``[batch, kv_head, capacity, d_head]`` (contiguous).
+        values: The value storage, same shape.
+        pos: Where the new key and value go (``< capacity``).
+        mask: True where the new token may attend (padding), or ``None`` for all.
+        rotary: ``(cos, sin, adjacent_pairs)`` with ``cos``/``sin`` ``[batch or 1, 1, 1, half]``,
+            or ``None`` for a model without rotary.
+    """
+    batch, n_new, d_model = x.shape
+    n_kv, capacity = keys.shape[1], keys.shape[2]
+    if n_new != 1 or not 0 < batch <= _MAX_ROWS or not 0 <= pos < capacity:
+        return None
+    if n_heads % n_kv or n_heads // n_kv > _MAX_GROUP or d_head > _MAX_D_HEAD:
+        return None
+    w = weights
+    if w.w_qkv is None or w.w_gate_in is None:
+        return None
+    width, q_width, two_mlp = w.w_qkv.shape[1], n_heads * d_head, w.w_gate_in.shape[1]
+    if width != (n_heads + 2 * n_kv) * d_head or two_mlp % 2:
+        return None
+    cache_shape = (batch, n_kv, capacity, d_head)
+    if not (
+        _ok(x, (batch, 1, d_model))
+        and _ok(keys, cache_shape)
+        and _ok(values, cache_shape)
+        and _ok(w.ln1_w, (d_model,))
+        and _ok(w.ln2_w, (d_model,))
+        and _ok(w.w_qkv, (d_model, width))
+        and _ok(w.b_qkv, (width,), optional=True)
+        and _ok(w.w_o, (q_width, d_model))
+        and _ok(w.b_o, (d_model,), optional=True)
+        and _ok(w.w_gate_in, (d_model, two_mlp))
+        and _ok(w.b_gate_in, (two_mlp,), optional=True)
+        and _ok(w.w_out, (two_mlp // 2, d_model))
+        and _ok(w.b_out, (d_model,), optional=True)
+    ):
+        return None
+    if mask is not None and (
+        mask.dtype is not torch.bool
+        or tuple(mask.shape) != (batch, 1, 1, pos + 1)
+        or mask.stride(-1) != 1
+        or not mask.is_cpu
+    ):
+        return None
+    lib = library()
+    if lib is None:
+        return None
+    layer = getattr(_local, "layer", None)
+    if layer is None:
+        layer = _local.layer = _Layer()
+    half, cos_row = 0, 0
+    if rotary is not None:
+        cos, sin, adjacent = rotary
+        half = cos.shape[-1]
+        if 2 * half > d_head or cos.shape != sin.shape or cos.shape[1:3] != (1, 1):
+            return None
+        if cos.shape[0] not in (1, batch) or not (_ok(cos, cos.shape) and _ok(sin, sin.shape)):
+            return None
+        cos_row = half if cos.shape[0] == batch else 0
+        layer.cos, layer.sin, layer.adjacent = cos.data_ptr(), sin.data_ptr(), int(adjacent)
+    else:
+        layer.cos = layer.sin = None
+    out = torch.empty((batch, 1, d_model), dtype=_F32)
+    layer.rows, layer.d_model, layer.n_heads, layer.n_kv = batch, d_model, n_heads, n_kv
+    layer.d_head, layer.d_mlp, layer.rotary_half, layer.pos = d_head, two_mlp // 2, half, pos
+    layer.s_b, layer.s_h, layer.s_p = keys.stride(0), keys.stride(1), keys.stride(2)
+    layer.ms_b = 0 if mask is None else mask.stride(0)
+    layer.cos_row, layer.eps, layer.scale = cos_row, eps, d_head**-0.5
+    layer.threads = torch.get_num_threads()
+    layer.x, layer.out = x.data_ptr(), out.data_ptr()
+    layer.ln1_w, layer.ln2_w = _address(w.ln1_w), _address(w.ln2_w)
+    layer.w_qkv, layer.w_o = _address(w.w_qkv), _address(w.w_o)
+    layer.w_gate_in, layer.w_out = _address(w.w_gate_in), _address(w.w_out)
+    layer.b_qkv, layer.b_o = _address(w.b_qkv), _address(w.b_o)
+    layer.b_gate_in, layer.b_out = _address(w.b_gate_in), _address(w.b_out)
+    layer.k_cache, layer.v_cache = keys.data_ptr(), values.data_ptr()
+    layer.mask = None if mask is None else mask.data_ptr()
+    address = ctypes.addressof(layer)
+    work = _workspace(lib.kvlens_decode_layer_workspace(address))
+    layer.work = work.data_ptr()
+    lib.kvlens_decode_layer(address)
+    return out
