@@ -215,6 +215,7 @@ def grid_rows(spec: dict[str, Any], worker: dict[str, Any]) -> list[dict[str, An
     for batch, prompt in spec["grid"]:
         mine = _of_config(records.get("run", []), batch, prompt)
         memory = _of_config(records.get("memory", []), batch, prompt)
+        read = _of_config(records.get("read", []), batch, prompt)
         if memory:
             status = memory[0].pop("status")
         else:
@@ -230,6 +231,7 @@ def grid_rows(spec: dict[str, Any], worker: dict[str, Any]) -> list[dict[str, An
             "info": info,
             "memory": memory[0] if memory else {},
             "run_details": mine,
+            "read_gb_s_beside": read[0]["gb_s"] if read else [],
             "loadavg_1m_after": os.getloadavg()[0],
         }
         if mine:

@@ -3,9 +3,10 @@
 Prints, for each weight shape of SmolLM2-135M (and its unembedding), the effective read bandwidth
 of a one-row product under each layout and call (kvlens's native kernel, MKL through torch, numpy),
 the machine's read bandwidth (a large ``sum``), and then the time of a whole decode step of the
-real model, with one native call per layer, with kvlens's native kernels op by op (the path of a
-hooked block) and with torch alone, beside the time of its matrix products alone. Small matrices are cycled through many copies so that they are read from memory,
-not from the caches, as in a real decode step.
+real model (with one native call per layer, with kvlens's native kernels op by op as a hooked
+block runs, and with torch alone) beside the time of its matrix products alone. Small matrices
+are cycled through many copies so that they are read from memory, not from the caches, as in a
+real decode step.
 
 Usage: .venv/bin/python benchmarks/bench_matvec.py [--threads 2]
 """

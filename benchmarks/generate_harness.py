@@ -20,6 +20,11 @@ is handed back to the system (``malloc_trim``), the kernel's peak-RSS counter is
 (``/proc/self/clear_refs``) and the resident size read; after the runs the peak is read. So
 ``peak_rss_mb`` is the process's largest resident size while generating that configuration, the
 weights and runtime included, and not the model build's transient peak.
+
+Memory read rate around a configuration: a ``sum`` over 256 MB, just before the configuration
+and just after it (outside its memory window). This machine's memory bandwidth drifts over
+minutes with the load of the host it shares (30 to 45 GB/s within one hour), so a row's floor
+can also be taken at the rate measured beside it.
 """
 
 from __future__ import annotations
@@ -160,11 +165,27 @@ def warm_up(system: System, d_vocab: int, batch: int, seed: int) -> None:
     timed_run(system, prompt_tokens(d_vocab, batch, WARMUP_PROMPT, seed + 1), WARMUP_TOKENS)
 
 
+def read_rate(megabytes: int = 256, repeats: int = 7) -> float:
+    """GB/s of a ``sum`` over a fresh ``megabytes`` tensor (median of ``repeats``)."""
+    x = torch.ones(megabytes * 2**20 // 4)
+    x.sum()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        x.sum()
+        times.append(time.perf_counter() - start)
+    rate = x.numel() * 4 / statistics.median(times) / 1e9
+    del x
+    release_memory()
+    return rate
+
+
 def run_config(system: System, spec: dict[str, Any], batch: int, prompt: int) -> None:
     """Up to ``repeats`` runs of one (batch, prompt); stops early where another would pass
     the budget, and is cut at ``config_timeout_s``."""
     d_vocab, new, where = spec["shape"]["d_vocab"], spec["new_tokens"], {"batch": batch}
     where["prompt"] = prompt
+    read_before = read_rate()
     peak_reset, rss_before, status = False, None, "ok"
     try:
         with time_limit(spec["config_timeout_s"]):
@@ -197,6 +218,7 @@ def run_config(system: System, spec: dict[str, Any], batch: int, prompt: int) ->
     emit("memory", **where, status=status, rss_before_mb=rss_before, peak_rss_mb=peak)
     system.reset()
     release_memory()
+    emit("read", **where, gb_s=[read_before, read_rate()])
 
 
 def run_sweep(system: System, spec: dict[str, Any]) -> None:

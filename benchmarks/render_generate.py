@@ -48,6 +48,9 @@ def add_floors(results: dict[str, Any]) -> None:
         row["prefill_floor_ms"] = floor.prefill_floor_ms(
             shape, row["batch"], row["prompt"], machine
         )
+        if row.get("read_gb_s_beside"):
+            beside = {**machine, "read_gb_s": max(row["read_gb_s_beside"])}
+            row["floor_beside"] = floor.decode_floor(shape, row["batch"], context, beside)
     for row in results["sweep"]:
         shape = SHAPES[row["shape_name"]]
         for point in row["points"]:
@@ -89,6 +92,8 @@ def decode_table(results: dict[str, Any], shape_name: str) -> str:
     for s in systems:
         head.append(f"{LABELS[s]} ms")
         head.append("÷ floor" if s in ("kvlens", "kvlens-real") else "÷ kvlens")
+        if s in ("kvlens", "kvlens-real"):
+            head.append("÷ floor beside")
     lines = ["| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
     for batch, prompt in sorted({(r["batch"], r["prompt"]) for r in rows}):
         some = next(r for r in rows if r["batch"] == batch and r["prompt"] == prompt)
@@ -102,6 +107,8 @@ def decode_table(results: dict[str, Any], shape_name: str) -> str:
             cells.append(
                 _ratio(ms, floor_ms) if s in ("kvlens", "kvlens-real") else _ratio(ms, ours)
             )
+            if s in ("kvlens", "kvlens-real"):
+                cells.append(_ratio(ms, _floor_beside(row)))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -112,6 +119,7 @@ def full_table(results: dict[str, Any]) -> str:
     head = [
         "shape", "batch", "prompt", "system", "runs", "prefill ms", "decode ms/step", "tokens/s",
         "peak RSS MB", "peak − before MB", "floor ms", "÷ floor", "÷ kvlens",
+        "read GB/s beside", "floor beside ms", "÷ floor beside",
     ]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|---|---:|---:|---|" + "---:|" * (len(head) - 4)]
     for r in results["grid"]:
@@ -135,9 +143,17 @@ def full_table(results: dict[str, Any]) -> str:
             _ms(floor_ms),
             _ratio(decode, floor_ms),
             "—" if r["system"] == "kvlens" else _ratio(decode, ours.get("decode_ms")),
+            " / ".join(f"{v:.1f}" for v in r.get("read_gb_s_beside", [])) or "—",
+            _ms(_floor_beside(r)),
+            _ratio(decode, _floor_beside(r)),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _floor_beside(row: dict[str, Any] | None) -> float | None:
+    """The row's floor at the read rate measured beside it (older results have none)."""
+    return row["floor_beside"]["floor_ms"] if row and "floor_beside" in row else None
 
 
 def sweep_table(results: dict[str, Any], shape_name: str) -> str:
@@ -191,6 +207,13 @@ def headline(results: dict[str, Any]) -> str:
         f"{_ms(ours['floor']['floor_ms'])} ms, and generates {ours['new_tokens']} tokens at "
         f"{ours['tokens_per_s']:.1f} tokens/s."
     )
+    if "floor_beside" in ours:
+        text += (
+            f" At the read rate measured beside that row "
+            f"({max(ours['read_gb_s_beside']):.1f} GB/s), the floor is "
+            f"{_ms(_floor_beside(ours))} ms and kvlens "
+            f"{_ratio(ours['decode_ms'], _floor_beside(ours))} of it."
+        )
     if peers:
         text += " Time per decode step relative to kvlens: " + ", ".join(peers) + "."
     return text
@@ -290,7 +313,11 @@ reset, and freed memory trimmed, just before them; weights and runtime included)
 is the part above its resident size just before. Floor: the bytes a step reads (all weights but
 the embedding table, plus the cached keys and values at the mean context, prompt +
 {s["new_tokens"] // 2}) over the read bandwidth, or its FLOPs over the matmul rate, whichever is
-larger. "÷ floor" is a system's decode ms/step over the floor, "÷ kvlens" over kvlens's.
+larger; the read bandwidth is the higher of the run's first and last measurement. "÷ floor" is
+a system's decode ms/step over the floor, "÷ kvlens" over kvlens's. The machine's bandwidth
+drifts with the load of the host it shares, so each configuration's read rate is also measured
+just before and just after it (a `sum` over 256 MB, "read GB/s beside"); "floor beside" is the
+floor at the higher of those two, the floor under the conditions the row ran in.
 
 {markdown_tables(results)}{_sweep_note(s, plot_link)}"""
 

@@ -3,8 +3,10 @@
  * W is row-major [in, out] (kvlens's weight layout) and M is small (a decode step's rows). Such
  * a product reads every weight once and does little arithmetic per byte, so its speed is the
  * speed at which W streams from memory. The loops below keep that stream sequential: each
- * thread reads whole rows of W (or long contiguous pieces of them), four rows at a time, and
- * accumulates into a block of at most 32 KB that stays in the L1 cache.
+ * thread reads whole rows of W (or long contiguous pieces of them), eight rows at a time, and
+ * accumulates into a block of at most 32 KB that stays in the L1 cache. (Eight rows per pass
+ * read SmolLM2's weights about 10% faster than four at one row of x, and a little faster at eight;
+ * sixteen were faster still at one row but a quarter slower at eight.)
  *
  * Work is split between threads along K (each thread reads a contiguous band of rows and the
  * partial sums are added at the end) unless N is wide enough that splitting the columns still
@@ -31,6 +33,20 @@ static void accumulate(int64_t M, int64_t k0, int64_t k1, int64_t N, int64_t n0,
                        const float *restrict x, int64_t ldx, const float *restrict W,
                        float *restrict acc) {
     int64_t k = k0;
+    for (; k + 8 <= k1; k += 8) {
+        const float *restrict w = W + k * N + n0;
+        for (int64_t m = 0; m < M; m++) {
+            const float *a = x + m * ldx + k;
+            const float a0 = a[0], a1 = a[1], a2 = a[2], a3 = a[3];
+            const float a4 = a[4], a5 = a[5], a6 = a[6], a7 = a[7];
+            float *restrict row = acc + m * nb;
+#pragma omp simd
+            for (int64_t j = 0; j < nb; j++)
+                row[j] += ((a0 * w[j] + a1 * w[N + j]) + (a2 * w[2 * N + j] + a3 * w[3 * N + j])) +
+                          ((a4 * w[4 * N + j] + a5 * w[5 * N + j]) +
+                           (a6 * w[6 * N + j] + a7 * w[7 * N + j]));
+        }
+    }
     for (; k + 4 <= k1; k += 4) {
         const float *restrict w0 = W + k * N + n0;
         const float *restrict w1 = w0 + N;
