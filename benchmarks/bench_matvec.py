@@ -149,6 +149,27 @@ def products_by_rows(model_weights: list[torch.Tensor]) -> dict[int, tuple[float
     return out
 
 
+def paired_rounds(weights: list[torch.Tensor], rounds: int = 9) -> list[tuple[float, float]]:
+    """Per round: GB/s of a 512 MB ``sum``, then of all a step's products (native, one row).
+
+    The machine's memory bandwidth drifts with the load of the host it shares, so the products'
+    share of what the memory gives is read within a round, the two measured back to back.
+    """
+    big = torch.ones(2**27)
+    rows = {w.shape[0]: torch.randn(1, w.shape[0]) for w in weights}
+    nbytes = sum(w.numel() * 4 for w in weights)
+
+    def products() -> None:
+        for w in weights:
+            kernels.matmul(rows[w.shape[0]], w)
+
+    out = []
+    for _ in range(rounds):
+        read = big.numel() * 4 / median_seconds(lambda: big.sum(), 7) / 1e9
+        out.append((read, nbytes / median_seconds(products, 7) / 1e9))
+    return out
+
+
 def attention_by_context() -> dict[int, tuple[float, float]]:
     """µs of one layer's decode attention (SmolLM2's 9 heads over 3): (native, SDPA folded)."""
     out: dict[int, tuple[float, float]] = {}
@@ -194,6 +215,11 @@ def main() -> None:
         f"MKL ({mb / split['matmuls_mkl_ms']:.1f} GB/s)"
     )
     weights = step_weights(model)
+    pairs = paired_rounds(weights)
+    print("\nRead bandwidth and the step's one-row products, back to back (GB/s), per round:")
+    print("  " + ", ".join(f"{read:.1f} / {prod:.1f}" for read, prod in pairs))
+    share = statistics.median(prod / read for read, prod in pairs)
+    print(f"  median share of the read bandwidth the products reach: {share:.2f}")
     print("\nAll of SmolLM2's decode-step products at several rows (ms): native kernel / MKL")
     for rows, (native_ms, mkl_ms) in products_by_rows(weights).items():
         print(f"  {rows} rows: {native_ms:.1f} / {mkl_ms:.1f}")

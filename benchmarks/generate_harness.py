@@ -21,8 +21,8 @@ is handed back to the system (``malloc_trim``), the kernel's peak-RSS counter is
 ``peak_rss_mb`` is the process's largest resident size while generating that configuration, the
 weights and runtime included, and not the model build's transient peak.
 
-Memory read rate around a configuration: a ``sum`` over 256 MB, just before the configuration
-and just after it (outside its memory window). This machine's memory bandwidth drifts over
+Memory read rate around a configuration (and a sweep point): a ``sum`` over 256 MB, just before
+it and just after it (outside its memory window). This machine's memory bandwidth drifts over
 minutes with the load of the host it shares (30 to 45 GB/s within one hour), so a row's floor
 can also be taken at the rate measured beside it.
 """
@@ -227,6 +227,7 @@ def run_sweep(system: System, spec: dict[str, Any]) -> None:
     warm_up(system, d_vocab, batch, spec["seed"])
     for context in spec["contexts"]:
         tokens = prompt_tokens(d_vocab, batch, context, spec["seed"])
+        read_before = read_rate()
         try:
             with time_limit(spec["config_timeout_s"]):
                 timing = timed_run(system, tokens, steps + 1)
@@ -241,6 +242,7 @@ def run_sweep(system: System, spec: dict[str, Any]) -> None:
             prefill_ms=1e3 * (timing.stamps[0] - timing.start),
             decode_ms=1e3 * statistics.median(step_s),
             decode_mean_ms=1e3 * sum(step_s) / len(step_s),
+            read_gb_s_beside=[read_before, read_rate()],
         )
         system.reset()
 
