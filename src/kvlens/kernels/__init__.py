@@ -5,7 +5,9 @@ the speed at which the weights stream from memory, and MKL's one-row products re
 it (docs/benchmarks.md). ``matmul.c`` streams the weights sequentially instead; ``decode.c`` fuses
 the small ops around the products (RMSNorm, rotary, the gated MLP's activation), whose torch
 per-call cost exceeds their arithmetic on a few rows; ``attention.c`` attends from one new query
-per row to the cached keys and values, split across threads by chunks of keys. See
+per row to the cached keys and values, split across threads by chunks of keys; ``layer.c`` runs
+a whole Llama-family layer of a decode step in one call with the same functions
+(:mod:`kvlens.kernels.layer`). See
 :mod:`kvlens.kernels.build` for how they are compiled (once per machine) and when they are not
 used.
 

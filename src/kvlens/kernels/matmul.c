@@ -4,9 +4,10 @@
  * a product reads every weight once and does little arithmetic per byte, so its speed is the
  * speed at which W streams from memory. The loops below keep that stream sequential: each
  * thread reads whole rows of W (or long contiguous pieces of them), eight rows at a time, and
- * accumulates into a block of at most 32 KB that stays in the L1 cache. (Eight rows per pass
- * read SmolLM2's weights about 10% faster than four at one row of x, and a little faster at eight;
- * sixteen were faster still at one row but a quarter slower at eight.)
+ * accumulates into a block of at most 32 KB that stays in the L1 cache. Each pass over the block
+ * loads and stores it once, so more rows per pass means fewer trips for the same weights: eight
+ * rows were faster than four at one and at eight rows of x; sixteen were faster at one row but
+ * slower at eight (docs/benchmarks.md, "Where the time goes").
  *
  * Work is split between threads along K (each thread reads a contiguous band of rows and the
  * partial sums are added at the end) unless N is wide enough that splitting the columns still
