@@ -2,11 +2,12 @@
  * with optional rotary, gated SiLU MLP, sequential residual) for a few rows of one new token.
  *
  * Called one op at a time from Python, a layer costs about a dozen native or torch calls, each
- * with its own Python dispatch and OpenMP fork and join; at batch 1 that overhead is about a
- * fifth of a decode step. Here the whole layer runs in a single parallel region, its phases
- * separated by barriers. Every phase calls the same function the op-by-op path calls, on the
- * same rows with the same thread split, so the result is bitwise equal to that path's: a hook
- * that returns its input (which makes kvlens take the op-by-op path) changes nothing.
+ * with its own Python dispatch and OpenMP fork and join, milliseconds per step at batch 1
+ * (docs/benchmarks.md, "Where the time goes"). Here the whole layer runs in a single parallel
+ * region, its phases separated by barriers. Every phase calls the same function the op-by-op
+ * path calls, on the same rows with the same thread split, so the result is bitwise equal to
+ * that path's: a hook that returns its input (which makes kvlens take the op-by-op path)
+ * changes nothing.
  */
 #include <stdint.h>
 #include <string.h>
