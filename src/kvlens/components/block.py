@@ -11,11 +11,11 @@ from kvlens.cache.entry import KeyValueCacheEntry
 from kvlens.cache.shared import SharedPrefixEntry
 from kvlens.components.attention import Attention
 from kvlens.components.attention_context import AttentionContext
-from kvlens.components.mlp import GatedMLP, make_mlp
-from kvlens.components.norm import RMSNorm, make_norm
+from kvlens.components.mlp import MLP, GatedMLP, activation, make_mlp
+from kvlens.components.norm import LayerNorm, RMSNorm, make_norm
 from kvlens.config import ModelConfig
 from kvlens.hooks import HookPoint
-from kvlens.kernels.layer import LayerWeights, decode_layer
+from kvlens.kernels.layer import ACTIVATIONS, LayerKind, LayerWeights, decode_layer
 
 
 class TransformerBlock(nn.Module):
@@ -25,9 +25,9 @@ class TransformerBlock(nn.Module):
     ``resid_post = resid_pre + attn_out + mlp_out``. Such a block has no ``hook_resid_mid``
     (TransformerLens declares one that never fires).
 
-    A decode step (one new token per row, a plain cache entry) of a Llama-family block with no
-    hook attached runs as one native call (:func:`kvlens.kernels.layer.decode_layer`), bitwise
-    equal to the op-by-op path that hooks see.
+    A decode step (one new token per row, a plain cache entry) of a block with no hook attached
+    runs as one native call (:func:`kvlens.kernels.layer.decode_layer`), bitwise equal to the
+    op-by-op path that hooks see.
     """
 
     def __init__(self, cfg: ModelConfig, block_index: int) -> None:
@@ -77,19 +77,18 @@ class TransformerBlock(nn.Module):
         """The block as one native call, or ``None`` if anything calls for the op-by-op path.
 
         That path is taken when a hook (a hook point's or a torch module hook) could observe an
-        activation, when a part is not the Llama family's (LayerNorm, plain MLP, parallel
-        attention and MLP, a replaced submodule) or when the kernel declines the input.
+        activation, when a part is not one kvlens builds (a replaced submodule or activation) or
+        when the kernel declines the input.
         """
         parts = self._modules
         ln1, attn, ln2, mlp = parts["ln1"], parts["attn"], parts["ln2"], parts["mlp"]
+        kind = _layer_kind(ln1, ln2, mlp, self.parallel)
         if (
-            self.parallel
-            or type(ln1) is not RMSNorm
-            or type(ln2) is not RMSNorm
+            kind is None
+            or ln1 is None
+            or ln2 is None
+            or mlp is None
             or type(attn) is not Attention
-            or type(mlp) is not GatedMLP
-            or mlp.act is not F.silu
-            or ln1.eps != ln2.eps
             or ctx.is_causal
             or torch_module._global_forward_hooks
             or torch_module._global_forward_pre_hooks
@@ -114,23 +113,48 @@ class TransformerBlock(nn.Module):
                 return None
             rotary = (ctx.rotary_cos, ctx.rotary_sin, self.rotary_adjacent_pairs)
         a, m = attn._parameters, mlp._parameters
+        n1, n2 = ln1._parameters, ln2._parameters
         weights = LayerWeights(
-            ln1._parameters["w"],
+            n1["w"],
+            n1.get("b"),
             a["W_QKV"],
             a.get("b_QKV"),
             a["W_O_flat"],
             a.get("b_O"),
-            ln2._parameters["w"],
-            m["W_gate_in"],
-            m.get("b_gate_in"),
+            n2["w"],
+            n2.get("b"),
+            m.get("W_gate_in") if kind.act is None else m.get("W_in"),
+            m.get("b_gate_in") if kind.act is None else m.get("b_in"),
             m["W_out"],
             m.get("b_out"),
         )
         keys, values, pos = entry.claim(1)
         out = decode_layer(
-            resid_pre, weights, ln1.eps, attn.n_heads, attn.d_head, keys, values, pos,
+            resid_pre, weights, kind, attn.n_heads, attn.d_head, keys, values, pos,
             ctx.attn_mask, rotary,
         )  # fmt: skip
         if out is not None:
             entry.commit(1)
         return out
+
+
+def _layer_kind(
+    ln1: nn.Module | None, ln2: nn.Module | None, mlp: nn.Module | None, parallel: bool
+) -> LayerKind | None:
+    """The native layer's description of these parts, or ``None`` if it cannot run them."""
+    if type(ln1) is RMSNorm and type(ln2) is RMSNorm:
+        layer_norm, eps, eps2 = False, ln1.eps, ln2.eps
+    elif type(ln1) is LayerNorm and type(ln2) is LayerNorm:
+        layer_norm, eps, eps2 = True, ln1.eps, ln2.eps
+    else:
+        return None
+    if eps != eps2:
+        return None
+    if type(mlp) is GatedMLP:
+        return LayerKind(layer_norm, None, parallel, eps) if mlp.act is F.silu else None
+    if type(mlp) is MLP:
+        act = ACTIVATIONS.get(mlp.act_fn)
+        if act is None or mlp.act is not activation(mlp.act_fn):
+            return None
+        return LayerKind(layer_norm, act, parallel, eps)
+    return None

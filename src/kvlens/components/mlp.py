@@ -45,6 +45,7 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         d_mlp = cfg.d_mlp_resolved
+        self.act_fn = cfg.act_fn
         self.act = activation(cfg.act_fn)
         self.W_in = nn.Parameter(torch.empty(cfg.d_model, d_mlp, dtype=cfg.dtype))
         self.W_out = nn.Parameter(torch.empty(d_mlp, cfg.d_model, dtype=cfg.dtype))
@@ -55,7 +56,11 @@ class MLP(nn.Module):
 
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
         pre = self.hook_pre(linear(x, self.W_in, self.b_in))
-        post = self.hook_post(self.act(pre))
+        # A decode step's few rows: natively, unless the activation was replaced.
+        post = (
+            kernels.activation(pre, self.act_fn) if self.act is _ACTIVATIONS[self.act_fn] else None
+        )
+        post = self.hook_post(self.act(pre) if post is None else post)
         return linear(post, self.W_out, self.b_out)
 
 

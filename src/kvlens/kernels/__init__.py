@@ -26,12 +26,15 @@ from jaxtyping import Float
 from torch import Tensor
 
 from kvlens.kernels.build import available, library
+from kvlens.kernels.layer import ACTIVATIONS
 
 __all__ = [
     "MAX_ROWS",
+    "activation",
     "available",
     "decode_attention",
     "decode_attention_lse",
+    "layer_norm",
     "library",
     "matmul",
     "rms_norm",
@@ -130,6 +133,45 @@ def rms_norm(
     out = torch.empty(x.shape, dtype=_F32)
     w = None if weight is None else weight.data_ptr()
     lib.kvlens_rms_norm(n_rows, d, rows.data_ptr(), row_stride, w, eps, out.data_ptr())
+    return out
+
+
+def layer_norm(
+    x: Float[Tensor, "... d"], weight: Float[Tensor, " d"], bias: Float[Tensor, " d"], eps: float
+) -> Float[Tensor, "... d"] | None:
+    """``F.layer_norm`` over the last axis with its scale and bias, or ``None`` (not handled)."""
+    d = x.shape[-1]
+    n_rows = x.numel() // d if d else 0
+    if not 0 < n_rows <= MAX_ROWS or not _plain(x):
+        return None
+    for t in (weight, bias):
+        if not (_plain(t) and t.is_contiguous() and t.shape == x.shape[-1:]):
+            return None
+    lib = library()
+    if lib is None:
+        return None
+    rows, row_stride = _rows(x, n_rows)
+    out = torch.empty(x.shape, dtype=_F32)
+    lib.kvlens_layer_norm(
+        n_rows, d, rows.data_ptr(), row_stride, weight.data_ptr(), bias.data_ptr(), eps,
+        out.data_ptr(),
+    )  # fmt: skip
+    return out
+
+
+def activation(x: Float[Tensor, "... d"], name: str) -> Float[Tensor, "... d"] | None:
+    """The plain MLP's activation ``name`` (a ``cfg.act_fn``) of ``x``, or ``None``."""
+    kind = ACTIVATIONS.get(name)
+    d = x.shape[-1]
+    n_rows = x.numel() // d if d else 0
+    if kind is None or not 0 < n_rows <= MAX_ROWS or x.stride(-1) != 1 or not _plain(x):
+        return None
+    lib = library()
+    if lib is None:
+        return None
+    rows, row_stride = _rows(x, n_rows)
+    out = torch.empty(x.shape, dtype=_F32)
+    lib.kvlens_activation(n_rows, d, rows.data_ptr(), row_stride, out.data_ptr(), kind)
     return out
 
 

@@ -120,6 +120,8 @@ def load() -> ctypes.CDLL | None:
         "kvlens_rms_norm": [i64, i64, ptr, i64, ptr, f32, ptr],
         "kvlens_rotary_inplace": [i64, i64, i64, ptr, i64, i64, ptr, ptr, i64, i32],
         "kvlens_silu_mul": [i64, i64, ptr, i64, ptr, i64, ptr],
+        "kvlens_layer_norm": [i64, i64, ptr, i64, ptr, ptr, f32, ptr],
+        "kvlens_activation": [i64, i64, ptr, i64, ptr, i32],
         "kvlens_decode_attention": [i64] * 5
         + [ptr, i64, i64, ptr, ptr, i64, i64, i64]
         + [ptr, i64, f32, ptr, ptr, ptr, i32],

@@ -69,3 +69,48 @@ void kvlens_silu_mul(int64_t rows, int64_t d, const float *gate, int64_t ldg, co
         for (int64_t i = 0; i < d; i++) o[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
     }
 }
+
+/* LayerNorm with scale and bias: y = (x - mean) / sqrt(var + eps) * w + b over rows of d. */
+void kvlens_layer_norm(int64_t rows, int64_t d, const float *x, int64_t ldx, const float *w,
+                       const float *b, float eps, float *y) {
+    for (int64_t r = 0; r < rows; r++) {
+        const float *restrict xr = x + r * ldx;
+        float *restrict yr = y + r * d;
+        float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t i = 0; i < d; i++) sum += xr[i];
+        const float mean = sum / (float)d;
+        float squares = 0.0f;
+#pragma omp simd reduction(+ : squares)
+        for (int64_t i = 0; i < d; i++) squares += (xr[i] - mean) * (xr[i] - mean);
+        const float inv = 1.0f / sqrtf(squares / (float)d + eps);
+#pragma omp simd
+        for (int64_t i = 0; i < d; i++) yr[i] = (xr[i] - mean) * inv * w[i] + b[i];
+    }
+}
+
+/* out[r, i] = act(x[r, i]) for the plain MLP's activations (kind: KVLENS_ACT_*). */
+void kvlens_activation(int64_t rows, int64_t d, const float *x, int64_t ldx, float *out,
+                       int kind) {
+    const float root_half = 0.70710678118654752f, root_two_over_pi = 0.79788456080286536f;
+    for (int64_t r = 0; r < rows; r++) {
+        const float *restrict xr = x + r * ldx;
+        float *restrict o = out + r * d;
+        switch (kind) {
+        case KVLENS_ACT_GELU:
+            for (int64_t i = 0; i < d; i++) o[i] = 0.5f * xr[i] * (1.0f + erff(xr[i] * root_half));
+            break;
+        case KVLENS_ACT_GELU_TANH:
+            for (int64_t i = 0; i < d; i++) {
+                const float v = xr[i];
+                o[i] = 0.5f * v * (1.0f + tanhf(root_two_over_pi * (v + 0.044715f * v * v * v)));
+            }
+            break;
+        case KVLENS_ACT_RELU:
+            for (int64_t i = 0; i < d; i++) o[i] = xr[i] > 0.0f ? xr[i] : 0.0f;
+            break;
+        default: /* KVLENS_ACT_SILU */
+            for (int64_t i = 0; i < d; i++) o[i] = xr[i] / (1.0f + expf(-xr[i]));
+        }
+    }
+}

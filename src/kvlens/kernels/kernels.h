@@ -34,6 +34,16 @@ void kvlens_rms_norm(int64_t rows, int64_t d, const float *x, int64_t ldx, const
 void kvlens_rotary_inplace(int64_t rows, int64_t heads, int64_t half, float *x, int64_t xs_r,
                            int64_t xs_h, const float *cos, const float *sin, int64_t cs_r,
                            int adjacent);
+/* Activations of kvlens_activation (as kvlens/kernels/__init__.py numbers them). */
+#define KVLENS_ACT_GELU 0
+#define KVLENS_ACT_GELU_TANH 1
+#define KVLENS_ACT_RELU 2
+#define KVLENS_ACT_SILU 3
+
+void kvlens_layer_norm(int64_t rows, int64_t d, const float *x, int64_t ldx, const float *w,
+                       const float *b, float eps, float *y);
+void kvlens_activation(int64_t rows, int64_t d, const float *x, int64_t ldx, float *out,
+                       int kind);
 void kvlens_silu_mul(int64_t rows, int64_t d, const float *gate, int64_t ldg, const float *up,
                      int64_t ldu, float *out);
 #endif

@@ -1,5 +1,6 @@
-/* One decoder layer of a decode step in one call: the Llama-family block (RMSNorm, attention
- * with optional rotary, gated SiLU MLP, sequential residual) for a few rows of one new token.
+/* One decoder layer of a decode step in one call, for a few rows of one new token: RMSNorm or
+ * LayerNorm, attention with optional (partial) rotary, a gated SiLU MLP or a plain MLP with its
+ * activation, sequential or parallel residual (GPT-2, GPT-NeoX, Llama, Mistral, Qwen2).
  *
  * Called one op at a time from Python, a layer costs about a dozen native or torch calls, each
  * with its own Python dispatch and OpenMP fork and join, milliseconds per step at batch 1
@@ -23,10 +24,14 @@ typedef struct {
     int64_t ms_b, cos_row;  /* mask row stride (bytes), cos/sin row stride (0: one shared row) */
     float eps, scale;
     int32_t adjacent, threads;
+    int32_t layer_norm;     /* 1: LayerNorm (with ln*_b), 0: RMSNorm */
+    int32_t gated;          /* 1: w_in is [d_model, 2 d_mlp] gate then input, SiLU; 0: plain */
+    int32_t act;            /* the plain MLP's activation, KVLENS_ACT_* */
+    int32_t parallel;       /* 1: attention and MLP both read x (GPT-NeoX) */
     const float *x;         /* [rows, d_model], the residual stream entering the layer */
     float *out;             /* [rows, d_model], leaving it */
-    const float *ln1_w, *w_qkv, *b_qkv, *w_o, *b_o;
-    const float *ln2_w, *w_gate_in, *b_gate_in, *w_out, *b_out;
+    const float *ln1_w, *ln1_b, *w_qkv, *b_qkv, *w_o, *b_o;
+    const float *ln2_w, *ln2_b, *w_in, *b_in, *w_out, *b_out;
     const float *cos, *sin; /* rotary angles, NULL for a model without rotary */
     float *k_cache, *v_cache;
     const uint8_t *mask;    /* [rows, pos + 1] with row stride ms_b, or NULL */
@@ -43,13 +48,23 @@ int64_t kvlens_decode_layer_workspace(const kvlens_layer *L) {
     const int64_t widest = max64(max64(W, D), 2 * F);
     const int64_t attention =
         kvlens__attention_scratch(R, L->n_heads, L->n_kv, L->d_head, L->pos + 1);
-    return R * (3 * D + W + L->n_heads * L->d_head + 3 * F) +
+    return R * (4 * D + W + L->n_heads * L->d_head + 3 * F) +
            (int64_t)(L->threads - 1) * R * widest + attention;
 }
 
 /* Threads a product of a K x N weight gets: one for small weights, as kernels.matmul decides. */
 static int product_threads(int64_t K, int64_t N, int team) {
     return K * N * 4 < KVLENS_SINGLE_THREAD_BYTES ? 1 : team;
+}
+
+/* Row r of the norm of x into y (rows d_model apart in both). */
+static void norm_row(const kvlens_layer *L, int64_t r, const float *x, const float *w,
+                     const float *b, float *y) {
+    const int64_t D = L->d_model;
+    if (L->layer_norm)
+        kvlens_layer_norm(1, D, x + r * D, D, w, b, L->eps, y + r * D);
+    else
+        kvlens_rms_norm(1, D, x + r * D, D, w, L->eps, y + r * D);
 }
 
 /* This thread's share [c0, c1) of n columns, in pieces of multiples of 64. */
@@ -65,7 +80,7 @@ void kvlens_decode_layer(const kvlens_layer *L) {
     const int64_t H = L->n_heads, KV = L->n_kv, dh = L->d_head, HD = H * dh;
     float *xn = L->work, *qkv = xn + R * D, *z = qkv + R * W, *ao = z + R * HD;
     float *mid = ao + R * D, *gate_in = mid + R * D, *post = gate_in + R * 2 * F;
-    float *partial = post + R * F;
+    float *mo = post + R * F, *partial = mo + R * D;
     float *att = partial + (int64_t)(L->threads - 1) * R * max64(max64(W, D), 2 * F);
 #pragma omp parallel num_threads(L->threads)
     {
@@ -73,7 +88,7 @@ void kvlens_decode_layer(const kvlens_layer *L) {
         /* Attention half: norm, q/k/v, rotary, the new key and value into the cache. */
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < R; r++)
-            kvlens_rms_norm(1, D, L->x + r * D, D, L->ln1_w, L->eps, xn + r * D);
+            norm_row(L, r, L->x, L->ln1_w, L->ln1_b, xn);
         kvlens__matmul_team(R, D, W, xn, D, L->w_qkv, L->b_qkv, qkv, partial,
                             product_threads(D, W, team));
 #pragma omp for schedule(static)
@@ -93,24 +108,35 @@ void kvlens_decode_layer(const kvlens_layer *L) {
                                L->s_b, L->s_h, L->s_p, L->mask, L->ms_b, L->scale, z, 0, att);
         kvlens__matmul_team(R, HD, D, z, HD, L->w_o, L->b_o, ao, partial,
                             product_threads(HD, D, team));
+        /* MLP half: on x itself (parallel) or on x plus the attention's output. */
+        const float *mlp_in = L->parallel ? L->x : mid;
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < R; r++) {
-            for (int64_t c = 0; c < D; c++) mid[r * D + c] = L->x[r * D + c] + ao[r * D + c];
-            kvlens_rms_norm(1, D, mid + r * D, D, L->ln2_w, L->eps, xn + r * D);
+            if (!L->parallel)
+                for (int64_t c = 0; c < D; c++) mid[r * D + c] = L->x[r * D + c] + ao[r * D + c];
+            norm_row(L, r, mlp_in, L->ln2_w, L->ln2_b, xn);
         }
-        /* MLP half. */
-        kvlens__matmul_team(R, D, 2 * F, xn, D, L->w_gate_in, L->b_gate_in, gate_in, partial,
-                            product_threads(D, 2 * F, team));
+        const int64_t in_width = L->gated ? 2 * F : F;
+        kvlens__matmul_team(R, D, in_width, xn, D, L->w_in, L->b_in, gate_in, partial,
+                            product_threads(D, in_width, team));
         int64_t c0, c1;
         share(F, team, i, &c0, &c1);
-        for (int64_t r = 0; r < R && c0 < c1; r++)
-            kvlens_silu_mul(1, c1 - c0, gate_in + r * 2 * F + c0, 2 * F,
-                            gate_in + r * 2 * F + F + c0, 2 * F, post + r * F + c0);
+        for (int64_t r = 0; r < R && c0 < c1; r++) {
+            const float *row = gate_in + r * in_width;
+            if (L->gated)
+                kvlens_silu_mul(1, c1 - c0, row + c0, 2 * F, row + F + c0, 2 * F,
+                                post + r * F + c0);
+            else
+                kvlens_activation(1, c1 - c0, row + c0, F, post + r * F + c0, L->act);
+        }
 #pragma omp barrier
-        kvlens__matmul_team(R, F, D, post, F, L->w_out, L->b_out, ao, partial,
+        kvlens__matmul_team(R, F, D, post, F, L->w_out, L->b_out, mo, partial,
                             product_threads(F, D, team));
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < R; r++)
-            for (int64_t c = 0; c < D; c++) L->out[r * D + c] = mid[r * D + c] + ao[r * D + c];
+            for (int64_t c = 0; c < D; c++) {
+                const int64_t at = r * D + c;
+                L->out[at] = L->parallel ? (L->x[at] + ao[at]) + mo[at] : mid[at] + mo[at];
+            }
     }
 }

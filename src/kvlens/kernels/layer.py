@@ -25,6 +25,10 @@ _MAX_ROWS = 32  # as kernels.MAX_ROWS
 _MAX_GROUP, _MAX_D_HEAD = 8, 256  # as in attention.c
 _local = threading.local()
 
+ACTIVATIONS = {"gelu": 0, "gelu_new": 1, "gelu_pytorch_tanh": 1, "relu": 2, "silu": 3}
+"""The plain MLP's activations the kernels compute, by ``cfg.act_fn`` (``KVLENS_ACT_*`` in
+kernels.h): GELU exact (erf), GELU's tanh approximation, ReLU, SiLU."""
+
 
 class _Layer(ctypes.Structure):
     """``kvlens_layer`` of layer.c, field for field."""
@@ -35,32 +39,45 @@ class _Layer(ctypes.Structure):
         *((name, ctypes.c_int64) for name in ("s_p", "ms_b", "cos_row")),
         ("eps", ctypes.c_float),
         ("scale", ctypes.c_float),
-        ("adjacent", ctypes.c_int32),
-        ("threads", ctypes.c_int32),
-        *((name, ctypes.c_void_p) for name in ("x", "out", "ln1_w", "w_qkv", "b_qkv", "w_o")),
-        *((name, ctypes.c_void_p) for name in ("b_o", "ln2_w", "w_gate_in", "b_gate_in")),
+        *((name, ctypes.c_int32) for name in ("adjacent", "threads", "layer_norm", "gated")),
+        *((name, ctypes.c_int32) for name in ("act", "parallel")),
+        *((name, ctypes.c_void_p) for name in ("x", "out", "ln1_w", "ln1_b", "w_qkv", "b_qkv")),
+        *((name, ctypes.c_void_p) for name in ("w_o", "b_o", "ln2_w", "ln2_b", "w_in", "b_in")),
         *((name, ctypes.c_void_p) for name in ("w_out", "b_out", "cos", "sin", "k_cache")),
         *((name, ctypes.c_void_p) for name in ("v_cache", "mask", "work")),
     ]
 
 
 class LayerWeights(NamedTuple):
-    """A Llama-family layer's parameters in kvlens's layout (weights ``[in, out]``).
+    """A layer's parameters in kvlens's layout (weights ``[in, out]``).
 
-    Biases may be ``None``; so may any field as the module holds it (``decode_layer`` then
-    declines), which lets a block pass its parameter dicts' entries without checks.
+    ``w_in`` is the MLP's input projection: ``[d_model, 2 * d_mlp]`` (gate, then input) for a
+    gated MLP, ``[d_model, d_mlp]`` for a plain one. The norms' biases are for LayerNorm. Any
+    field may be ``None`` as the module holds it (the biases of a model without them); a
+    required one missing makes ``decode_layer`` decline.
     """
 
     ln1_w: Float[Tensor, " d_model"] | None
+    ln1_b: Float[Tensor, " d_model"] | None
     w_qkv: Float[Tensor, "d_model qkv"] | None
     b_qkv: Float[Tensor, " qkv"] | None
     w_o: Float[Tensor, "q_width d_model"] | None
     b_o: Float[Tensor, " d_model"] | None
     ln2_w: Float[Tensor, " d_model"] | None
-    w_gate_in: Float[Tensor, "d_model two_d_mlp"] | None
-    b_gate_in: Float[Tensor, " two_d_mlp"] | None
+    ln2_b: Float[Tensor, " d_model"] | None
+    w_in: Float[Tensor, "d_model mlp_in"] | None
+    b_in: Float[Tensor, " mlp_in"] | None
     w_out: Float[Tensor, "d_mlp d_model"] | None
     b_out: Float[Tensor, " d_model"] | None
+
+
+class LayerKind(NamedTuple):
+    """What a layer is made of, beyond its weights' shapes."""
+
+    layer_norm: bool  # LayerNorm (else RMSNorm)
+    act: int | None  # the plain MLP's activation (ACTIVATIONS), None for a gated SiLU MLP
+    parallel: bool  # attention and MLP both read the block's input (GPT-NeoX)
+    eps: float  # both norms'
 
 
 def _ok(t: Tensor | None, shape: tuple[int, ...], optional: bool = False) -> bool:
@@ -74,6 +91,11 @@ def _ok(t: Tensor | None, shape: tuple[int, ...], optional: bool = False) -> boo
         and t.shape == shape
         and not (t.requires_grad and torch.is_grad_enabled())
     )
+
+
+def _bias_ok(t: Tensor | None, shape: tuple[int, ...] | None) -> bool:
+    """A LayerNorm bias of ``shape`` (required), or none for an RMSNorm (``shape`` None)."""
+    return t is None if shape is None else _ok(t, shape)
 
 
 def _address(t: Tensor | None) -> int | None:
@@ -90,7 +112,7 @@ def _workspace(numel: int) -> Tensor:
 def decode_layer(
     x: Float[Tensor, "batch 1 d_model"],
     weights: LayerWeights,
-    eps: float,
+    kind: LayerKind,
     n_heads: int,
     d_head: int,
     keys: Float[Tensor, "batch kv_head capacity d_head"],
@@ -99,7 +121,7 @@ def decode_layer(
     mask: Bool[Tensor, "batch 1 1 kv_pos"] | None,
     rotary: tuple[Tensor, Tensor, bool] | None,
 ) -> Float[Tensor, "batch 1 d_model"] | None:
-    """The residual stream after one Llama-family layer, or ``None`` where this does not apply.
+    """The residual stream after one layer, or ``None`` where this does not apply.
 
     Writes the new token's key and value (after rotary) into ``keys[:, :, pos]`` and
     ``values[:, :, pos]`` and attends over positions ``0..pos``; the caller commits the position.
@@ -110,7 +132,7 @@ def decode_layer(
     Args:
         x: The residual stream entering the layer, one new token per row.
         weights: The layer's parameters.
-        eps: RMSNorm's epsilon (both norms).
+        kind: Norm, MLP and residual kind, and the norms' epsilon.
         n_heads: Query heads; ``d_head`` their width.
         keys: The layer's key storage ``[batch, kv_head, capacity, d_head]`` (contiguous).
         values: The value storage, same shape.
@@ -126,11 +148,14 @@ def decode_layer(
     if n_heads % n_kv or n_heads // n_kv > _MAX_GROUP or d_head > _MAX_D_HEAD:
         return None
     w = weights
-    if w.w_qkv is None or w.w_gate_in is None:
+    if w.w_qkv is None or w.w_in is None or w.w_out is None:
         return None
-    width, q_width, two_mlp = w.w_qkv.shape[1], n_heads * d_head, w.w_gate_in.shape[1]
-    if width != (n_heads + 2 * n_kv) * d_head or two_mlp % 2:
+    width, q_width = w.w_qkv.shape[1], n_heads * d_head
+    d_mlp, in_width = w.w_out.shape[0], w.w_in.shape[1]
+    gated = kind.act is None
+    if width != (n_heads + 2 * n_kv) * d_head or in_width != (2 * d_mlp if gated else d_mlp):
         return None
+    norm_bias = (d_model,) if kind.layer_norm else None
     cache_shape = (batch, n_kv, capacity, d_head)
     if not (
         _ok(x, (batch, 1, d_model))
@@ -138,13 +163,15 @@ def decode_layer(
         and _ok(values, cache_shape)
         and _ok(w.ln1_w, (d_model,))
         and _ok(w.ln2_w, (d_model,))
+        and _bias_ok(w.ln1_b, norm_bias)
+        and _bias_ok(w.ln2_b, norm_bias)
         and _ok(w.w_qkv, (d_model, width))
         and _ok(w.b_qkv, (width,), optional=True)
         and _ok(w.w_o, (q_width, d_model))
         and _ok(w.b_o, (d_model,), optional=True)
-        and _ok(w.w_gate_in, (d_model, two_mlp))
-        and _ok(w.b_gate_in, (two_mlp,), optional=True)
-        and _ok(w.w_out, (two_mlp // 2, d_model))
+        and _ok(w.w_in, (d_model, in_width))
+        and _ok(w.b_in, (in_width,), optional=True)
+        and _ok(w.w_out, (d_mlp, d_model))
         and _ok(w.b_out, (d_model,), optional=True)
     ):
         return None
@@ -175,17 +202,20 @@ def decode_layer(
         layer.cos = layer.sin = None
     out = torch.empty((batch, 1, d_model), dtype=_F32)
     layer.rows, layer.d_model, layer.n_heads, layer.n_kv = batch, d_model, n_heads, n_kv
-    layer.d_head, layer.d_mlp, layer.rotary_half, layer.pos = d_head, two_mlp // 2, half, pos
+    layer.d_head, layer.d_mlp, layer.rotary_half, layer.pos = d_head, d_mlp, half, pos
     layer.s_b, layer.s_h, layer.s_p = keys.stride(0), keys.stride(1), keys.stride(2)
     layer.ms_b = 0 if mask is None else mask.stride(0)
-    layer.cos_row, layer.eps, layer.scale = cos_row, eps, d_head**-0.5
+    layer.cos_row, layer.eps, layer.scale = cos_row, kind.eps, d_head**-0.5
+    layer.layer_norm, layer.parallel = int(kind.layer_norm), int(kind.parallel)
+    layer.gated, layer.act = int(gated), kind.act or 0
     layer.threads = torch.get_num_threads()
     layer.x, layer.out = x.data_ptr(), out.data_ptr()
     layer.ln1_w, layer.ln2_w = _address(w.ln1_w), _address(w.ln2_w)
+    layer.ln1_b, layer.ln2_b = _address(w.ln1_b), _address(w.ln2_b)
     layer.w_qkv, layer.w_o = _address(w.w_qkv), _address(w.w_o)
-    layer.w_gate_in, layer.w_out = _address(w.w_gate_in), _address(w.w_out)
+    layer.w_in, layer.w_out = _address(w.w_in), _address(w.w_out)
     layer.b_qkv, layer.b_o = _address(w.b_qkv), _address(w.b_o)
-    layer.b_gate_in, layer.b_out = _address(w.b_gate_in), _address(w.b_out)
+    layer.b_in, layer.b_out = _address(w.b_in), _address(w.b_out)
     layer.k_cache, layer.v_cache = keys.data_ptr(), values.data_ptr()
     layer.mask = None if mask is None else mask.data_ptr()
     address = ctypes.addressof(layer)

@@ -80,3 +80,39 @@ def test_silu_mul_equals_torch() -> None:
     assert kernels.silu_mul(gate.double(), up.double()) is None
     transposed = torch.randn(40, 2).t()  # rows not addressable with a stride on the last axis
     assert kernels.silu_mul(transposed, transposed) is None
+
+
+def test_layer_norm_equals_torch() -> None:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 100, generator=gen)[..., :96] * 5 + 2  # strided rows, nonzero mean
+    w, b = torch.randn(96, generator=gen), torch.randn(96, generator=gen)
+    got = kernels.layer_norm(x, w, b, 1e-5)
+    assert got is not None and got.shape == x.shape
+    torch.testing.assert_close(got, F.layer_norm(x, (96,), w, b, 1e-5), rtol=1e-5, atol=1e-5)
+    assert kernels.layer_norm(x.double(), w, b, 1e-5) is None
+    assert kernels.layer_norm(x, w, torch.randn(95), 1e-5) is None
+    assert kernels.layer_norm(torch.randn(kernels.MAX_ROWS + 1, 96), w, b, 1e-5) is None
+
+
+@pytest.mark.parametrize(
+    ("name", "reference"),
+    [
+        ("gelu", F.gelu),
+        ("gelu_new", lambda t: F.gelu(t, approximate="tanh")),
+        ("gelu_pytorch_tanh", lambda t: F.gelu(t, approximate="tanh")),
+        ("relu", F.relu),
+        ("silu", F.silu),
+    ],
+)
+def test_activation_equals_torch(name: str, reference) -> None:  # type: ignore[no-untyped-def]
+    x = torch.randn(3, 1, 200, generator=torch.Generator().manual_seed(0))[..., :150] * 4
+    got = kernels.activation(x, name)
+    assert got is not None
+    torch.testing.assert_close(got, reference(x), rtol=1e-5, atol=2e-6)
+
+
+def test_activation_declines_what_it_does_not_do() -> None:
+    x = torch.randn(1, 8)
+    assert kernels.activation(x, "softplus") is None
+    assert kernels.activation(x.double(), "gelu") is None
+    assert kernels.activation(torch.randn(8, 2).t(), "gelu") is None  # last axis strided

@@ -9,11 +9,11 @@ from tests.helpers import make_hf_model, padding_mask
 import kvlens.components.block as block_module
 from kvlens import HookedTransformer, KeyValueCache
 from kvlens.kernels import build
-from kvlens.kernels.layer import LayerWeights, decode_layer
+from kvlens.kernels.layer import ACTIVATIONS, LayerKind, LayerWeights, decode_layer
 
 pytestmark = pytest.mark.skipif(not build.available(), reason="native kernels not built here")
 
-LLAMA_FAMILIES = ["llama", "mistral", "qwen2"]
+FAMILIES = ["llama", "mistral", "qwen2", "gpt2", "pythia"]  # pythia: parallel, partial rotary
 _models: dict[str, HookedTransformer] = {}
 
 
@@ -67,7 +67,7 @@ def decode(
     return torch.stack(outs), cache
 
 
-@pytest.mark.parametrize("family", LLAMA_FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("side", ["none", "left", "right"])
 def test_native_layer_is_bitwise_the_op_by_op_path(
     family: str, side: str, taken: list[bool]
@@ -152,10 +152,14 @@ def test_torch_module_hooks_and_autograd_take_the_op_by_op_path(taken: list[bool
     assert logits.requires_grad and taken == [False] * model.cfg.n_layers
 
 
-@pytest.mark.parametrize("family", ["gpt2", "pythia"])
-def test_other_families_take_the_op_by_op_path(family: str, taken: list[bool]) -> None:
-    decode(model_of(family), side="none")
-    assert taken == []
+def test_a_replaced_activation_takes_the_op_by_op_path(taken: list[bool]) -> None:
+    model = HookedTransformer.from_hf_model(make_hf_model("gpt2")).eval()
+    native, _ = decode(model, side="none")
+    for block in model.blocks:
+        block.mlp.act = torch.nn.functional.relu  # an experiment: the native layer must not run
+    relu, _ = decode(model, side="none")
+    assert taken.count(True) == 4 * model.cfg.n_layers  # the first run only
+    assert not torch.equal(native, relu)
 
 
 def test_more_rows_than_the_kernel_takes_are_declined_and_still_right(taken: list[bool]) -> None:
@@ -175,15 +179,18 @@ def _layer_inputs(
         return torch.randn(*shape, generator=gen, dtype=dtype)
 
     weights = LayerWeights(
-        rand(16), rand(16, 32), None, rand(16, 16), None, rand(16), rand(16, 64), None,
-        rand(32, 16), None,
+        rand(16), None, rand(16, 32), None, rand(16, 16), None, rand(16), None, rand(16, 64),
+        None, rand(32, 16), None,
     )  # fmt: skip
     return rand(1, 1, 16), weights, rand(1, 2, 8, 4), rand(1, 2, 8, 4)
 
 
+RMS_GATED = LayerKind(layer_norm=False, act=None, parallel=False, eps=1e-5)
+
+
 def test_decode_layer_declines_without_writing() -> None:
     x, weights, keys, values = _layer_inputs()
-    args = (1e-5, 4, 4)  # eps, n_heads, d_head: width (4 + 2 * 2) * 4 = 32
+    args = (RMS_GATED, 4, 4)  # kind, n_heads, d_head: width (4 + 2 * 2) * 4 = 32
 
     def attempt(**changes: object) -> torch.Tensor | None:
         call: dict[str, object] = {
@@ -210,45 +217,73 @@ def test_decode_layer_declines_without_writing() -> None:
     assert attempt(mask=torch.ones(1, 1, 1, 3, dtype=torch.bool)) is None  # pos + 1 keys
     assert attempt(rotary=(torch.randn(1, 1, 1, 3), torch.randn(1, 1, 1, 3), False)) is None
     assert attempt(weights=weights._replace(w_qkv=weights.w_qkv.requires_grad_())) is None
+    assert attempt(weights=weights._replace(ln1_b=torch.randn(16))) is None  # RMSNorm: no bias
+    assert attempt(weights=weights._replace(w_in=torch.randn(16, 32))) is None  # not 2 * d_mlp
 
 
-def test_decode_layer_applies_bias_and_rotary_like_the_model_would() -> None:
-    """Against a float64 torch reference of the Llama block, with every bias present."""
+@pytest.mark.parametrize(
+    ("kind", "rotary"),
+    [
+        (RMS_GATED, True),  # Llama, with every bias
+        (LayerKind(layer_norm=True, act=ACTIVATIONS["gelu_new"], parallel=False, eps=1e-5), False),
+        (LayerKind(layer_norm=True, act=ACTIVATIONS["gelu"], parallel=True, eps=1e-5), True),
+    ],
+    ids=["llama", "gpt2", "neox"],
+)
+def test_decode_layer_matches_a_float64_reference(kind: LayerKind, rotary: bool) -> None:
+    """Against the block written out in float64 torch, with every bias present."""
     x, weights, keys, values = _layer_inputs()
     gen = torch.Generator().manual_seed(1)
+    gated = kind.act is None
+    in_width = 64 if gated else 32
     weights = weights._replace(
         b_qkv=torch.randn(32, generator=gen),
         b_o=torch.randn(16, generator=gen),
-        b_gate_in=torch.randn(64, generator=gen),
+        w_in=torch.randn(16, in_width, generator=gen),
+        b_in=torch.randn(in_width, generator=gen),
         b_out=torch.randn(16, generator=gen),
     )
+    if kind.layer_norm:
+        weights = weights._replace(
+            ln1_b=torch.randn(16, generator=gen), ln2_b=torch.randn(16, generator=gen)
+        )
     angles = torch.rand(1, 1, 1, 2, generator=gen) * 6
     cos, sin = angles.cos(), angles.sin()
     reference_keys, reference_values = keys.double().clone(), values.double().clone()
-    out = decode_layer(x, weights, 1e-5, 4, 4, keys, values, 3, None, (cos, sin, False))
+    angles_arg = (cos, sin, False) if rotary else None
+    out = decode_layer(x, weights, kind, 4, 4, keys, values, 3, None, angles_arg)
     assert out is not None
 
     w = LayerWeights(*(None if t is None else t.double() for t in weights))
     x64, cos64, sin64 = x.double()[:, 0], cos.double()[0, 0, 0], sin.double()[0, 0, 0]
 
-    def norm(t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    def norm(t: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if kind.layer_norm:
+            return torch.nn.functional.layer_norm(t, (16,), scale, bias, 1e-5)
         return t / (t.pow(2).mean(-1, keepdim=True) + 1e-5).sqrt() * scale
 
     def rotate(t: torch.Tensor) -> torch.Tensor:  # [heads, 4], the first 2 * 2 dims rotated
+        if not rotary:
+            return t
         lo, hi = t[:, :2], t[:, 2:4]
         return torch.cat([lo * cos64 - hi * sin64, hi * cos64 + lo * sin64], -1)
 
-    qkv = (norm(x64, w.ln1_w) @ w.w_qkv + w.b_qkv).view(8, 4)
+    qkv = (norm(x64, w.ln1_w, w.ln1_b) @ w.w_qkv + w.b_qkv).view(8, 4)
     q, k, v = rotate(qkv[:4]), rotate(qkv[4:6]), qkv[6:]
     reference_keys[0, :, 3], reference_values[0, :, 3] = k, v
     scores = torch.einsum("hd,hpd->hp", q, reference_keys[0].repeat_interleave(2, 0)[:, :4]) / 2
     z = torch.einsum(
         "hp,hpd->hd", scores.softmax(-1), reference_values[0].repeat_interleave(2, 0)[:, :4]
     )
-    mid = x64 + z.reshape(1, 16) @ w.w_o + w.b_o
-    gate_in = norm(mid, w.ln2_w) @ w.w_gate_in + w.b_gate_in
-    post = torch.nn.functional.silu(gate_in[:, :32]) * gate_in[:, 32:]
-    expected = mid + post @ w.w_out + w.b_out
+    attn_out = z.reshape(1, 16) @ w.w_o + w.b_o
+    mlp_in = x64 if kind.parallel else x64 + attn_out
+    pre = norm(mlp_in, w.ln2_w, w.ln2_b) @ w.w_in + w.b_in
+    if gated:
+        post = torch.nn.functional.silu(pre[:, :32]) * pre[:, 32:]
+    else:
+        approximate = "tanh" if kind.act == ACTIVATIONS["gelu_new"] else "none"
+        post = torch.nn.functional.gelu(pre, approximate=approximate)
+    expected = x64 + attn_out + post @ w.w_out + w.b_out
     torch.testing.assert_close(out[:, 0].double(), expected, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(keys.double(), reference_keys, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(values.double(), reference_values, rtol=1e-5, atol=1e-5)
