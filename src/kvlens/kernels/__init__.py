@@ -6,7 +6,7 @@ it (docs/benchmarks.md). ``matmul.c`` streams the weights sequentially instead; 
 the small ops around the products (RMSNorm, rotary, the gated MLP's activation), whose torch
 per-call cost exceeds their arithmetic on a few rows; ``attention.c`` attends from one new query
 per row to the cached keys and values, split across threads by chunks of keys; ``layer.c`` runs
-a whole Llama-family layer of a decode step in one call with the same functions
+a whole layer of a decode step (any supported family) in one call with the same functions
 (:mod:`kvlens.kernels.layer`). See
 :mod:`kvlens.kernels.build` for how they are compiled (once per machine) and when they are not
 used.

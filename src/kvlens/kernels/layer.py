@@ -1,6 +1,6 @@
 """A whole decoder layer of a decode step in one native call (``layer.c``).
 
-Op by op, a Llama-family layer at batch 1 is about a dozen native and torch calls, and their
+Op by op, a layer at batch 1 is about a dozen native and torch calls, and their
 Python dispatch and thread wake-ups cost milliseconds per step (SmolLM2: 28.2 ms op by op, 25.2 ms
 in one call per layer; docs/benchmarks.md). :func:`decode_layer` runs the
 layer in one call with the same arithmetic, so its output is bitwise equal to the op-by-op path's
