@@ -141,6 +141,8 @@ def decode_layer(
         rotary: ``(cos, sin, adjacent_pairs)`` with ``cos``/``sin`` ``[batch or 1, 1, 1, half]``,
             or ``None`` for a model without rotary.
     """
+    if x.dim() != 3 or keys.dim() != 4:
+        return None
     batch, n_new, d_model = x.shape
     n_kv, capacity = keys.shape[1], keys.shape[2]
     if n_new != 1 or not 0 < batch <= _MAX_ROWS or not 0 <= pos < capacity:
@@ -149,6 +151,10 @@ def decode_layer(
         return None
     w = weights
     if w.w_qkv is None or w.w_in is None or w.w_out is None:
+        return None
+    if w.w_qkv.dim() != 2 or w.w_in.dim() != 2 or w.w_out.dim() != 2:
+        return None
+    if kind.act is not None and kind.act not in ACTIVATIONS.values():
         return None
     width, q_width = w.w_qkv.shape[1], n_heads * d_head
     d_mlp, in_width = w.w_out.shape[0], w.w_in.shape[1]

@@ -219,6 +219,8 @@ def test_decode_layer_declines_without_writing() -> None:
     assert attempt(weights=weights._replace(w_qkv=weights.w_qkv.requires_grad_())) is None
     assert attempt(weights=weights._replace(ln1_b=torch.randn(16))) is None  # RMSNorm: no bias
     assert attempt(weights=weights._replace(w_in=torch.randn(16, 32))) is None  # not 2 * d_mlp
+    assert attempt(weights=weights._replace(w_qkv=torch.randn(32))) is None
+    assert attempt(x=torch.randn(1, 16)) is None
 
 
 @pytest.mark.parametrize(
