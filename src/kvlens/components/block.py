@@ -15,7 +15,8 @@ from kvlens.components.mlp import MLP, GatedMLP, activation, make_mlp
 from kvlens.components.norm import LayerNorm, RMSNorm, make_norm
 from kvlens.config import ModelConfig
 from kvlens.hooks import HookPoint
-from kvlens.kernels.layer import ACTIVATIONS, LayerKind, LayerWeights, decode_layer
+from kvlens.kernels import ACTIVATIONS
+from kvlens.kernels.layer import LayerKind, LayerWeights, decode_layer
 
 
 class TransformerBlock(nn.Module):

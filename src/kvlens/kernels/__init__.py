@@ -26,7 +26,6 @@ from jaxtyping import Float
 from torch import Tensor
 
 from kvlens.kernels.build import available, library
-from kvlens.kernels.layer import ACTIVATIONS
 
 __all__ = [
     "MAX_ROWS",
@@ -46,6 +45,10 @@ MAX_ROWS = 32
 """Inputs with more rows than this (a prefill) go to torch. Up to 32 rows the native product
 is well ahead of MKL's; at 64 they are close (``benchmarks/bench_matvec.py`` times both)."""
 
+ACTIVATIONS = {"gelu": 0, "gelu_new": 1, "gelu_pytorch_tanh": 1, "relu": 2, "silu": 3}
+"""The plain MLP's activations the kernels compute, by ``cfg.act_fn`` (``KVLENS_ACT_*`` in
+kernels.h): GELU exact (erf), GELU's tanh approximation, ReLU, SiLU."""
+
 _F32 = torch.float32
 _SINGLE_THREAD_BYTES = 256 * 1024  # smaller weights are not worth waking a second thread
 _SPLIT_COLUMNS_MIN = 4096  # as in matmul.c: from this many columns per thread, no partial sums
@@ -55,6 +58,14 @@ _local = threading.local()  # per-thread scratch: ctypes releases the GIL during
 def _plain(t: Tensor) -> bool:
     """float32 on the CPU with no gradient to track."""
     return t.dtype is _F32 and t.is_cpu and not (t.requires_grad and torch.is_grad_enabled())
+
+
+def _few_rows(x: Tensor) -> int:
+    """How many rows ``x`` has over its last axis if a row op takes it (plain, at most
+    :data:`MAX_ROWS`), else 0."""
+    d = x.shape[-1]
+    n_rows = x.numel() // d if d else 0
+    return n_rows if 0 < n_rows <= MAX_ROWS and _plain(x) else 0
 
 
 def _scratch(numel: int) -> Tensor:
@@ -118,9 +129,8 @@ def rms_norm(
     x: Float[Tensor, "... d"], weight: Float[Tensor, " d"] | None, eps: float
 ) -> Float[Tensor, "... d"] | None:
     """``x / sqrt(mean(x**2) + eps) * weight`` over the last axis, or ``None`` (not handled)."""
-    d = x.shape[-1]
-    n_rows = x.numel() // d if d else 0
-    if not 0 < n_rows <= MAX_ROWS or not _plain(x):
+    d, n_rows = x.shape[-1], _few_rows(x)
+    if not n_rows:
         return None
     if weight is not None and not (
         _plain(weight) and weight.is_contiguous() and weight.shape == x.shape[-1:]
@@ -140,9 +150,8 @@ def layer_norm(
     x: Float[Tensor, "... d"], weight: Float[Tensor, " d"], bias: Float[Tensor, " d"], eps: float
 ) -> Float[Tensor, "... d"] | None:
     """``F.layer_norm`` over the last axis with its scale and bias, or ``None`` (not handled)."""
-    d = x.shape[-1]
-    n_rows = x.numel() // d if d else 0
-    if not 0 < n_rows <= MAX_ROWS or not _plain(x):
+    d, n_rows = x.shape[-1], _few_rows(x)
+    if not n_rows:
         return None
     for t in (weight, bias):
         if not (_plain(t) and t.is_contiguous() and t.shape == x.shape[-1:]):
@@ -162,9 +171,8 @@ def layer_norm(
 def activation(x: Float[Tensor, "... d"], name: str) -> Float[Tensor, "... d"] | None:
     """The plain MLP's activation ``name`` (a ``cfg.act_fn``) of ``x``, or ``None``."""
     kind = ACTIVATIONS.get(name)
-    d = x.shape[-1]
-    n_rows = x.numel() // d if d else 0
-    if kind is None or not 0 < n_rows <= MAX_ROWS or x.stride(-1) != 1 or not _plain(x):
+    d, n_rows = x.shape[-1], _few_rows(x)
+    if kind is None or not n_rows or x.stride(-1) != 1:
         return None
     lib = library()
     if lib is None:

@@ -18,16 +18,12 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
+from kvlens.kernels import ACTIVATIONS, MAX_ROWS, _plain, _scratch
 from kvlens.kernels.build import library
 
 _F32 = torch.float32
-_MAX_ROWS = 32  # as kernels.MAX_ROWS
 _MAX_GROUP, _MAX_D_HEAD = 8, 256  # as in attention.c
-_local = threading.local()
-
-ACTIVATIONS = {"gelu": 0, "gelu_new": 1, "gelu_pytorch_tanh": 1, "relu": 2, "silu": 3}
-"""The plain MLP's activations the kernels compute, by ``cfg.act_fn`` (``KVLENS_ACT_*`` in
-kernels.h): GELU exact (erf), GELU's tanh approximation, ReLU, SiLU."""
+_local = threading.local()  # one argument struct per thread: ctypes releases the GIL
 
 
 class _Layer(ctypes.Structure):
@@ -84,13 +80,7 @@ def _ok(t: Tensor | None, shape: tuple[int, ...], optional: bool = False) -> boo
     """Contiguous float32 on the CPU of ``shape`` with no gradient to track (or ``None``)."""
     if t is None:
         return optional
-    return (
-        t.dtype is _F32
-        and t.is_cpu
-        and t.is_contiguous()
-        and t.shape == shape
-        and not (t.requires_grad and torch.is_grad_enabled())
-    )
+    return _plain(t) and t.is_contiguous() and t.shape == shape
 
 
 def _bias_ok(t: Tensor | None, shape: tuple[int, ...] | None) -> bool:
@@ -100,13 +90,6 @@ def _bias_ok(t: Tensor | None, shape: tuple[int, ...] | None) -> bool:
 
 def _address(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
-
-
-def _workspace(numel: int) -> Tensor:
-    buffer = getattr(_local, "work", None)
-    if buffer is None or buffer.numel() < numel:
-        buffer = _local.work = torch.empty(max(numel, 1 << 16), dtype=_F32)
-    return buffer
 
 
 def decode_layer(
@@ -145,7 +128,7 @@ def decode_layer(
         return None
     batch, n_new, d_model = x.shape
     n_kv, capacity = keys.shape[1], keys.shape[2]
-    if n_new != 1 or not 0 < batch <= _MAX_ROWS or not 0 <= pos < capacity:
+    if n_new != 1 or not 0 < batch <= MAX_ROWS or not 0 <= pos < capacity:
         return None
     if n_heads % n_kv or n_heads // n_kv > _MAX_GROUP or d_head > _MAX_D_HEAD:
         return None
@@ -225,7 +208,7 @@ def decode_layer(
     layer.k_cache, layer.v_cache = keys.data_ptr(), values.data_ptr()
     layer.mask = None if mask is None else mask.data_ptr()
     address = ctypes.addressof(layer)
-    work = _workspace(lib.kvlens_decode_layer_workspace(address))
+    work = _scratch(lib.kvlens_decode_layer_workspace(address))
     layer.work = work.data_ptr()
     lib.kvlens_decode_layer(address)
     return out

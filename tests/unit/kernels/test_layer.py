@@ -8,8 +8,8 @@ from tests.helpers import make_hf_model, padding_mask
 
 import kvlens.components.block as block_module
 from kvlens import HookedTransformer, KeyValueCache
-from kvlens.kernels import build
-from kvlens.kernels.layer import ACTIVATIONS, LayerKind, LayerWeights, decode_layer
+from kvlens.kernels import ACTIVATIONS, build
+from kvlens.kernels.layer import LayerKind, LayerWeights, decode_layer
 
 pytestmark = pytest.mark.skipif(not build.available(), reason="native kernels not built here")
 
