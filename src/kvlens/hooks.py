@@ -1,193 +1,92 @@
-"""Named hook points and the machinery to run a model with hooks or with an activation cache."""
+"""Running a model with hooks or with an activation cache, as TransformerLens 2.18 does.
+
+:class:`HookedRootModule` finds hook points by name, attaches hooks at context levels so that
+nested ``hooks()`` blocks detach only their own, and records activations and gradients for
+``run_with_cache`` (with ``incl_bwd``, ``remove_batch_dim`` and ``pos_slice``).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import difflib
+import functools
+import inspect
+import logging
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Protocol
+from typing import Any, Literal, overload
 
 import torch
 from torch import Tensor, nn
 
+from kvlens.activation_cache import (
+    ActivationCache,
+    PosSlice,
+    get_act_name,
+    position_index,
+    slice_positions,
+)
+from kvlens.hook_point import Direction, HookEntry, HookFn, HookPoint
 
-class HookFn(Protocol):
-    """A hook: receives the activation and its hook point; returns a replacement or ``None``."""
+__all__ = [
+    "ActivationCache",
+    "HookEntry",
+    "HookFn",
+    "HookPoint",
+    "HookedRootModule",
+    "NameFilter",
+    "get_act_name",
+]
 
-    def __call__(self, tensor: Tensor, *, hook: HookPoint) -> Tensor | None: ...
-
+logger = logging.getLogger(__name__)
 
 NameFilter = str | Callable[[str], bool] | Sequence[str] | None
 
-
-class HookPoint(nn.Module):
-    """An identity module marking an activation that hooks can read or replace.
-
-    Its ``name`` is its module path in the model (``blocks.3.attn.hook_pattern``). Calling it with
-    no hook attached returns the input at the cost of one attribute check, so hook points can sit
-    on the hot path.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.name: str = ""
-        self._fns: list[tuple[Callable[..., Any], bool]] = []
-
-    @property
-    def has_hooks(self) -> bool:
-        """Whether any hook is attached (the attention uses it to choose its eager path)."""
-        return bool(self._fns) or bool(self._forward_hooks)
-
-    def add_hook(
-        self, fn: Callable[..., Any], is_permanent: bool = False, prepend: bool = False
-    ) -> None:
-        """Attach ``fn(tensor, hook=self)``; hooks run in order, each sees the last output."""
-        if not callable(fn):
-            raise TypeError(f"hook for {self.name!r} must be callable, got {type(fn).__name__}")
-        if prepend:
-            self._fns.insert(0, (fn, is_permanent))
-        else:
-            self._fns.append((fn, is_permanent))
-
-    def remove_hooks(self, including_permanent: bool = False) -> None:
-        """Detach temporary hooks (and permanent ones when asked)."""
-        self._fns = [(fn, perm) for fn, perm in self._fns if perm and not including_permanent]
-
-    def __call__(self, x: Tensor) -> Tensor:  # type: ignore[override]
-        if not self._fns:
-            return super().__call__(x) if self._forward_hooks else x
-        for fn, _ in self._fns:
-            out = fn(x, hook=self)
-            if out is not None:
-                if not isinstance(out, Tensor):
-                    raise TypeError(
-                        f"hook on {self.name!r} returned {type(out).__name__}; "
-                        "return a Tensor or None"
-                    )
-                if out.shape != x.shape:
-                    raise ValueError(
-                        f"hook on {self.name!r} returned shape {tuple(out.shape)}, "
-                        f"the activation has shape {tuple(x.shape)}"
-                    )
-                x = out
-        return super().__call__(x) if self._forward_hooks else x
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x
-
-    def extra_repr(self) -> str:
-        return f"name={self.name!r}, hooks={len(self._fns)}"
+_FORWARD_KEYWORDS: dict[type[nn.Module], frozenset[str] | None] = {}
 
 
-class ActivationCache:
-    """Activations recorded by ``run_with_cache``, keyed by hook name.
-
-    Behaves like a read-only dict. Keys may also be given TransformerLens's short way:
-    ``cache["pattern", 3]`` is ``cache["blocks.3.attn.hook_pattern"]``.
-    """
-
-    def __init__(self, activations: dict[str, Tensor], model: nn.Module | None = None) -> None:
-        self._acts = activations
-        self.model = model
-
-    def __getitem__(self, key: str | tuple[Any, ...]) -> Tensor:
-        name = get_act_name(*key) if isinstance(key, tuple) else key
-        try:
-            return self._acts[name]
-        except KeyError:
-            close = difflib.get_close_matches(name, list(self._acts), n=3)
-            hint = f"; did you mean {close}?" if close else ""
-            raise KeyError(f"no activation named {name!r} in this cache{hint}") from None
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._acts
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._acts)
-
-    def __len__(self) -> int:
-        return len(self._acts)
-
-    def keys(self) -> Any:
-        return self._acts.keys()
-
-    def values(self) -> Any:
-        return self._acts.values()
-
-    def items(self) -> Any:
-        return self._acts.items()
-
-    def to(self, device: torch.device | str) -> ActivationCache:
-        """A copy with every activation on ``device``."""
-        return ActivationCache({k: v.to(device) for k, v in self._acts.items()}, self.model)
-
-    def __repr__(self) -> str:
-        return f"ActivationCache({len(self._acts)} activations)"
+def _forward_keywords(cls: type[nn.Module]) -> frozenset[str] | None:
+    """Keyword arguments ``cls.forward`` accepts (``None``: any), read once per class."""
+    if cls not in _FORWARD_KEYWORDS:
+        params = list(inspect.signature(cls.forward).parameters.values())[1:]  # drop self
+        keywords = (p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+        variadic = any(p.kind is p.VAR_KEYWORD for p in params)
+        _FORWARD_KEYWORDS[cls] = None if variadic else frozenset(keywords)
+    return _FORWARD_KEYWORDS[cls]
 
 
-_SHORT_NAMES = {
-    "embed": "hook_embed",
-    "pos_embed": "hook_pos_embed",
-    "resid_pre": "hook_resid_pre",
-    "resid_mid": "hook_resid_mid",
-    "resid_post": "hook_resid_post",
-    "attn_out": "hook_attn_out",
-    "mlp_out": "hook_mlp_out",
-    "q": "attn.hook_q",
-    "k": "attn.hook_k",
-    "v": "attn.hook_v",
-    "rot_q": "attn.hook_rot_q",
-    "rot_k": "attn.hook_rot_k",
-    "z": "attn.hook_z",
-    "attn_scores": "attn.hook_attn_scores",
-    "pattern": "attn.hook_pattern",
-    "pre": "mlp.hook_pre",
-    "post": "mlp.hook_post",
-    "normalized": "hook_normalized",
-}
-
-
-def get_act_name(name: str, layer: int | None = None, layer_type: str | None = None) -> str:
-    """Full hook name from TransformerLens's short form: ``get_act_name("pattern", 3)``.
-
-    ``layer_type`` picks the norm for ``"normalized"`` (``"ln1"``, ``"ln2"``); with no layer,
-    ``"normalized"`` means ``ln_final.hook_normalized``.
-    """
-    if "." in name or name.startswith("hook_"):
-        return name
-    if name not in _SHORT_NAMES:
-        raise KeyError(f"unknown short activation name {name!r}; known: {sorted(_SHORT_NAMES)}")
-    suffix = _SHORT_NAMES[name]
-    if name == "normalized":
-        if layer is None:
-            return "ln_final.hook_normalized"
-        return f"blocks.{layer}.{layer_type or 'ln1'}.hook_normalized"
-    if name in ("embed", "pos_embed"):
-        return suffix
-    if layer is None:
-        raise KeyError(f"activation {name!r} needs a layer index")
-    return f"blocks.{layer}.{suffix}"
+HookList = Sequence[tuple[NameFilter, Callable[..., Any]]]
 
 
 class HookedRootModule(nn.Module):
     """Base of models with hook points: finds them by name and runs with hooks or a cache.
 
     Subclasses build their modules, then call :meth:`setup` once to name every hook point.
+
+    Attributes:
+        hook_dict: Every hook point by name.
+        context_level: How many :meth:`hooks` blocks are open.
     """
 
     hook_dict: dict[str, HookPoint]
+    context_level: int = 0
 
     def setup(self) -> None:
         """Name every :class:`HookPoint` by its module path and index them."""
         self.hook_dict = {}
+        self.context_level = 0
         for name, module in self.named_modules():
             if isinstance(module, HookPoint):
                 module.name = name
                 self.hook_dict[name] = module
 
+    def hook_points(self) -> list[HookPoint]:
+        """Every hook point, in module order."""
+        return list(self.hook_dict.values())
+
     def _resolve(self, name_or_filter: NameFilter) -> list[HookPoint]:
+        """The hook points a name, a list of names or a predicate selects (each once)."""
         if name_or_filter is None:
-            return list(self.hook_dict.values())
+            return self.hook_points()
         if isinstance(name_or_filter, str):
             if name_or_filter not in self.hook_dict:
                 close = difflib.get_close_matches(name_or_filter, list(self.hook_dict), n=3)
@@ -197,7 +96,8 @@ class HookedRootModule(nn.Module):
         if callable(name_or_filter):
             return [hp for name, hp in self.hook_dict.items() if name_or_filter(name)]
         if isinstance(name_or_filter, Sequence):
-            return [hp for n in name_or_filter for hp in self._resolve(n)]
+            points = {id(hp): hp for n in name_or_filter for hp in self._resolve(n)}
+            return list(points.values())
         raise TypeError(
             "a hook name must be a str, a list of str or a callable filter, "
             f"got {type(name_or_filter).__name__}"
@@ -207,8 +107,9 @@ class HookedRootModule(nn.Module):
         self,
         name: NameFilter,
         hook: Callable[..., Any],
-        dir: str = "fwd",
+        dir: Direction = "fwd",
         is_permanent: bool = False,
+        level: int | None = None,
         prepend: bool = False,
     ) -> None:
         """Attach ``hook(tensor, hook=hook_point)`` to the hook points ``name`` selects.
@@ -216,79 +117,223 @@ class HookedRootModule(nn.Module):
         Args:
             name: A hook name, a list of names, or a predicate on names.
             hook: Returns a replacement tensor of the same shape, or ``None`` to leave it.
-            dir: Only ``"fwd"`` is supported.
+            dir: ``"fwd"`` (sees the activation) or ``"bwd"`` (sees its gradient).
             is_permanent: Survives :meth:`reset_hooks` unless ``including_permanent``.
+            level: The context level it belongs to.
             prepend: Run before the hooks already attached.
         """
-        if dir != "fwd":
-            raise ValueError(f"dir must be 'fwd' (backward hooks are not supported), got {dir!r}")
-        points = self._resolve(name)
-        for point in points:
-            point.add_hook(hook, is_permanent=is_permanent, prepend=prepend)
+        for point in self._resolve(name):
+            point.add_hook(hook, dir=dir, is_permanent=is_permanent, level=level, prepend=prepend)
 
-    def reset_hooks(self, including_permanent: bool = False) -> None:
-        """Detach every temporary hook (and permanent ones when asked)."""
+    def add_perma_hook(
+        self, name: NameFilter, hook: Callable[..., Any], dir: Direction = "fwd"
+    ) -> None:
+        """Attach a permanent hook (see :meth:`add_hook`)."""
+        self.add_hook(name, hook, dir=dir, is_permanent=True)
+
+    def remove_all_hook_fns(
+        self,
+        direction: Direction | Literal["both"] = "both",
+        including_permanent: bool = False,
+        level: int | None = None,
+    ) -> None:
+        """:meth:`HookPoint.remove_hooks` on every hook point."""
         for point in self.hook_dict.values():
-            point.remove_hooks(including_permanent=including_permanent)
+            point.remove_hooks(direction, including_permanent=including_permanent, level=level)
+
+    def clear_contexts(self) -> None:
+        """Empty every hook point's ``ctx``."""
+        for point in self.hook_dict.values():
+            point.clear_context()
+
+    def reset_hooks(
+        self,
+        clear_contexts: bool = True,
+        direction: Direction | Literal["both"] = "both",
+        including_permanent: bool = False,
+        level: int | None = None,
+    ) -> None:
+        """Detach temporary hooks (of one context level if ``level`` is given).
+
+        Args:
+            clear_contexts: Also empty every hook point's ``ctx``.
+            direction: ``"fwd"``, ``"bwd"`` or ``"both"``.
+            including_permanent: Detach permanent hooks too, at every level.
+            level: Only the hooks added at this context level.
+        """
+        if clear_contexts:
+            self.clear_contexts()
+        self.remove_all_hook_fns(direction, including_permanent, level=level)
 
     @contextlib.contextmanager
     def hooks(
         self,
-        fwd_hooks: Sequence[tuple[NameFilter, Callable[..., Any]]] = (),
+        fwd_hooks: HookList = (),
+        bwd_hooks: HookList = (),
         reset_hooks_end: bool = True,
+        clear_contexts: bool = False,
     ) -> Iterator[HookedRootModule]:
-        """Context manager: the hooks are attached inside the block and detached after it."""
-        before = {name: list(point._fns) for name, point in self.hook_dict.items()}
+        """Context manager: attach hooks at a new context level, detach that level's on exit.
+
+        Hooks attached inside the block by other means (``add_hook``, a nested block that keeps
+        its hooks) are not this level's and stay.
+
+        Args:
+            fwd_hooks: Pairs ``(name or filter, hook)`` for the forward pass.
+            bwd_hooks: The same for the backward pass.
+            reset_hooks_end: Detach this block's hooks on exit (default).
+            clear_contexts: Also empty every hook point's ``ctx`` on exit.
+        """
+        self.context_level += 1
         try:
-            for name, fn in fwd_hooks:
-                self.add_hook(name, fn)
+            for name, hook in fwd_hooks:
+                self.add_hook(name, hook, dir="fwd", level=self.context_level)
+            for name, hook in bwd_hooks:
+                self.add_hook(name, hook, dir="bwd", level=self.context_level)
             yield self
         finally:
             if reset_hooks_end:
-                for name, point in self.hook_dict.items():
-                    point._fns = before[name]
+                self.reset_hooks(clear_contexts, level=self.context_level)
+            self.context_level -= 1
+
+    def _check_forward_kwargs(
+        self, method: str, kwargs: dict[str, Any], own: Sequence[str]
+    ) -> None:
+        """Raise for a keyword argument ``forward`` does not take, before anything runs."""
+        accepted = _forward_keywords(type(self))
+        if accepted is None:
+            return
+        for key in kwargs:
+            if key not in accepted:
+                close = difflib.get_close_matches(key, [*accepted, *own], n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise TypeError(f"{method}() got an unexpected keyword argument {key!r}{hint}")
 
     def run_with_hooks(
         self,
         *model_args: Any,
-        fwd_hooks: Sequence[tuple[NameFilter, Callable[..., Any]]] = (),
+        fwd_hooks: HookList = (),
+        bwd_hooks: HookList = (),
         reset_hooks_end: bool = True,
+        clear_contexts: bool = False,
         **model_kwargs: Any,
     ) -> Any:
-        """Run the model with ``fwd_hooks`` attached, then detach them.
+        """Run the model with hooks attached (see :meth:`hooks`), then detach them.
+
+        Backward hooks attached here fire on a backward pass through this run's output even
+        after they are detached (as in TransformerLens), but on no later run.
 
         Args:
-            fwd_hooks: Pairs ``(name or filter, hook function)``.
+            fwd_hooks: Pairs ``(name or filter, hook)`` for the forward pass.
+            bwd_hooks: The same for the backward pass.
             reset_hooks_end: Detach the hooks afterwards (default).
+            clear_contexts: Also empty every hook point's ``ctx`` afterwards.
             *model_args, **model_kwargs: Passed to ``forward``.
         """
-        with self.hooks(fwd_hooks, reset_hooks_end=reset_hooks_end):
+        own = ("fwd_hooks", "bwd_hooks", "reset_hooks_end", "clear_contexts")
+        self._check_forward_kwargs("run_with_hooks", model_kwargs, own)
+        if bwd_hooks and reset_hooks_end:
+            logger.warning(
+                "run_with_hooks: reset_hooks_end=True detaches the backward hooks when it returns;"
+                " they fire on a backward pass through this output but on no later run"
+            )
+        with self.hooks(fwd_hooks, bwd_hooks, reset_hooks_end, clear_contexts):
             return self(*model_args, **model_kwargs)
+
+    def get_caching_hooks(
+        self,
+        names_filter: NameFilter = None,
+        incl_bwd: bool = False,
+        device: torch.device | str | None = None,
+        remove_batch_dim: bool = False,
+        cache: dict[str, Tensor] | None = None,
+        pos_slice: PosSlice = None,
+    ) -> tuple[dict[str, Tensor], HookList, HookList]:
+        """Hooks that record activations (and gradients, as ``name + "_grad"``) into a dict.
+
+        Arguments as in :meth:`run_with_cache`; ``cache`` is the dict to fill (default a new
+        one). Returns the dict, the forward hooks and the backward hooks (empty unless
+        ``incl_bwd``); nothing is attached.
+        """
+        store: dict[str, Tensor] = {} if cache is None else cache
+        index = position_index(pos_slice)
+
+        def save(tensor: Tensor, *, hook: HookPoint, suffix: str = "") -> None:
+            act = tensor.detach().to(device)
+            if remove_batch_dim:
+                act = act[0]
+            if index is not None:
+                act = slice_positions(act, hook.name, index, tensor.ndim)
+            store[hook.name + suffix] = act
+
+        points = self._resolve(names_filter)
+        fwd = [(p.name, save) for p in points]
+        save_grad = functools.partial(save, suffix="_grad")
+        bwd = [(p.name, save_grad) for p in points] if incl_bwd else []
+        return store, fwd, bwd
+
+    @overload
+    def run_with_cache(
+        self, *model_args: Any, return_cache_object: Literal[True] = ..., **kwargs: Any
+    ) -> tuple[Any, ActivationCache]: ...
+
+    @overload
+    def run_with_cache(
+        self, *model_args: Any, return_cache_object: Literal[False], **kwargs: Any
+    ) -> tuple[Any, dict[str, Tensor]]: ...
 
     def run_with_cache(
         self,
         *model_args: Any,
         names_filter: NameFilter = None,
         device: torch.device | str | None = None,
+        remove_batch_dim: bool = False,
+        incl_bwd: bool = False,
+        reset_hooks_end: bool = True,
+        clear_contexts: bool = False,
+        pos_slice: PosSlice = None,
+        return_cache_object: bool = True,
         **model_kwargs: Any,
-    ) -> tuple[Any, ActivationCache]:
+    ) -> tuple[Any, ActivationCache | dict[str, Tensor]]:
         """Run the model and record activations.
 
         Args:
             names_filter: Which hook points to record: a name, a list of names, a predicate, or
-                ``None`` for all.
+                ``None`` for all. A name that is not a hook point raises ``ValueError``.
             device: Move recorded activations there (default: leave them where they are).
+            remove_batch_dim: Record row 0 only, without the batch axis.
+            incl_bwd: Call ``backward()`` on the output (which must be a scalar, e.g.
+                ``return_type="loss"``) and record gradients as ``name + "_grad"``.
+            reset_hooks_end: Detach the recording hooks afterwards (default).
+            clear_contexts: Also empty every hook point's ``ctx`` afterwards.
+            pos_slice: Record these positions only: an int, a ``(start, stop[, step])`` tuple,
+                a slice, or a list or tensor of positions. The position axis is -3 for
+                ``[..., pos, head, d_head]`` hook points and -2 otherwise (the query position for
+                scores and pattern).
+            return_cache_object: Return an :class:`ActivationCache` (default) or a plain dict.
+            *model_args, **model_kwargs: Passed to ``forward``.
 
         Returns:
-            The model's output and an :class:`ActivationCache` keyed by hook name.
+            The model's output and the recorded activations keyed by hook name.
         """
-        store: dict[str, Tensor] = {}
-
-        def record(tensor: Tensor, *, hook: HookPoint) -> None:
-            store[hook.name] = tensor.detach() if device is None else tensor.detach().to(device)
-
-        points = self._resolve(names_filter)
-        out = self.run_with_hooks(
-            *model_args, fwd_hooks=[(p.name, record) for p in points], **model_kwargs
+        own = (
+            "names_filter", "device", "remove_batch_dim", "incl_bwd", "reset_hooks_end",
+            "clear_contexts", "pos_slice", "return_cache_object",
+        )  # fmt: skip
+        self._check_forward_kwargs("run_with_cache", model_kwargs, own)
+        store, fwd, bwd = self.get_caching_hooks(
+            names_filter, incl_bwd, device, remove_batch_dim, pos_slice=pos_slice
         )
-        return out, ActivationCache(store, self)
+        with self.hooks(fwd, bwd, reset_hooks_end, clear_contexts):
+            out = self(*model_args, **model_kwargs)
+            if incl_bwd:
+                if not isinstance(out, Tensor) or out.numel() != 1:
+                    shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+                    raise ValueError(
+                        "run_with_cache(incl_bwd=True) calls backward() on the model's output, "
+                        f"which must be a scalar (e.g. return_type='loss'); got {shape}"
+                    )
+                out.backward()
+        if return_cache_object:
+            return out, ActivationCache(store, self, has_batch_dim=not remove_batch_dim)
+        return out, store

@@ -24,7 +24,7 @@ class TransformerBlock(nn.Module):
 
     With ``cfg.parallel_attn_mlp`` (GPT-NeoX) both read ``resid_pre`` and add in parallel:
     ``resid_post = resid_pre + attn_out + mlp_out``. Such a block has no ``hook_resid_mid``
-    (TransformerLens declares one that never fires).
+    (nor has TransformerLens's).
 
     A decode step (one new token per row, a plain cache entry) of a block with no hook attached
     runs as one native call (:func:`kvlens.kernels.layer.decode_layer`), bitwise equal to the
@@ -102,7 +102,7 @@ class TransformerBlock(nn.Module):
             if part._forward_hooks or part._forward_pre_hooks:
                 return None
         for point in self._native_points:
-            if point._fns or point._forward_hooks or point._forward_pre_hooks:
+            if point.is_observed:
                 return None
         if entry.n_kv_heads != attn.n_kv_heads or entry.d_head != attn.d_head:
             return None  # the op-by-op path raises the error
