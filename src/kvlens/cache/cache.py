@@ -106,8 +106,16 @@ class KeyValueCache:
 
     @previous_attention_mask.setter
     def previous_attention_mask(self, mask: Tensor) -> None:
+        """Replace the stored mask; it must cover exactly the positions every layer holds."""
         self._check_mask(mask, "previous_attention_mask")
         pos = mask.shape[1]
+        lengths = sorted({entry.length for entry in self.entries})
+        if lengths != [pos]:
+            held = lengths[0] if len(lengths) == 1 else f"{lengths[0]} to {lengths[-1]}"
+            raise ValueError(
+                f"previous_attention_mask covers {pos} positions, the cache's layers hold {held}; "
+                "give a mask of that length (crop the cache to shorten it)"
+            )
         self._reserve_mask(pos)
         self._mask[:, :pos].copy_(mask)
         self._mask_length = pos

@@ -30,6 +30,16 @@ class KeyValueCacheEntry:
     A frozen entry still accepts appends: the new positions are written after the committed length
     and returned as part of the full keys and values, but the length does not advance, so the next
     append overwrites them. Views returned by :meth:`append` are valid until the next append.
+
+    Autograd: when gradients are being tracked (grad mode on and the new keys or values require
+    grad, or the entry already holds a graph), :meth:`append` returns new tensors,
+    ``cat(past, new)``, through which gradients reach the new and the earlier keys and values, and
+    a committing append keeps them as the entry's graph (``past_keys`` then returns it), as
+    TransformerLens's ``torch.cat`` cache does. The storage still receives every value, detached,
+    so nothing in place ever touches a tensor autograd saved. A frozen entry keeps no graph of the
+    positions appended after it, so a prefix prefilled without grad can be backpropagated through
+    by any number of continuations. An append that commits positions without tracking (under
+    ``torch.no_grad``) drops the graph, as a ``torch.cat`` made without grad would.
     """
 
     def __init__(
@@ -63,6 +73,10 @@ class KeyValueCacheEntry:
             _new_storage(past_keys, self._batch, self._heads, capacity, self._d_head, pos),
             _new_storage(past_values, self._batch, self._heads, capacity, self._d_head, pos),
         )
+        # The committed keys and values as tensors autograd tracks, [batch, pos, kv_head, d_head],
+        # or None where the storage alone holds them (see the class docstring).
+        self._graph_keys: Tensor | None = _tracked(past_keys)
+        self._graph_values: Tensor | None = _tracked(past_values)
         self.frozen = frozen
 
     def _set_storage(self, keys: Tensor, values: Tensor) -> None:
@@ -105,21 +119,32 @@ class KeyValueCacheEntry:
 
     @property
     def past_keys(self) -> Float[Tensor, "batch pos_so_far kv_head d_head"]:
-        """The committed keys: a view of the storage, not a copy."""
+        """The committed keys: a view of the storage, not a copy (the graph, when one is kept)."""
+        if self._graph_keys is not None:
+            return self._graph_keys
         return self._keys_by_pos.narrow(1, 0, self._length)
 
     @past_keys.setter
     def past_keys(self, keys: Tensor) -> None:
         self._overwrite(self._keys, keys, "past_keys")
+        self._graph_keys = _tracked(keys)
 
     @property
     def past_values(self) -> Float[Tensor, "batch pos_so_far kv_head d_head"]:
-        """The committed values: a view of the storage, not a copy."""
+        """The committed values: a view of the storage, not a copy (the graph, when one is kept)."""
+        if self._graph_values is not None:
+            return self._graph_values
         return self._values_by_pos.narrow(1, 0, self._length)
 
     @past_values.setter
     def past_values(self, values: Tensor) -> None:
         self._overwrite(self._values, values, "past_values")
+        self._graph_values = _tracked(values)
+
+    @property
+    def tracks_graph(self) -> bool:
+        """Whether the committed keys or values are kept as tensors autograd tracks."""
+        return self._graph_keys is not None or self._graph_values is not None
 
     def _overwrite(self, buffer: Tensor, new: Tensor, name: str) -> None:
         """Assigning ``past_keys``/``past_values`` writes into the storage (same shape only)."""
@@ -133,7 +158,9 @@ class KeyValueCacheEntry:
             )
         if new.dtype != self.dtype:
             raise TypeError(f"{name} must have dtype {self.dtype}, got {new.dtype}")
-        buffer[:, :, : self._length].copy_(new.transpose(1, 2))
+        if new.device != self.device:
+            raise ValueError(f"{name} is on {new.device}, this cache entry is on {self.device}")
+        buffer[:, :, : self._length].copy_(new.detach().transpose(1, 2))
 
     # Shape facts ------------------------------------------------------------------------------
 
@@ -193,13 +220,26 @@ class KeyValueCacheEntry:
         self.check_new(new_keys, new_values)
         start = self._length
         end = start + new_keys.shape[1]
+        tracked = torch.is_grad_enabled() and (
+            new_keys.requires_grad or new_values.requires_grad or self.tracks_graph
+        )
         if end > self._capacity:
             self.reserve(end)
-        self._keys_by_pos.narrow(1, start, end - start).copy_(new_keys)
-        self._values_by_pos.narrow(1, start, end - start).copy_(new_values)
+        if not tracked:
+            self._keys_by_pos.narrow(1, start, end - start).copy_(new_keys)
+            self._values_by_pos.narrow(1, start, end - start).copy_(new_values)
+            self._commit(end - start)
+            return self._keys_by_pos.narrow(1, 0, end), self._values_by_pos.narrow(1, 0, end)
+        # Autograd: out of place over the past keys (the graph kept, or the storage), so that no
+        # tensor autograd saved is ever written again; the storage gets the values, detached.
+        keys = torch.cat((self.past_keys, new_keys), dim=1)
+        values = torch.cat((self.past_values, new_values), dim=1)
+        self._keys_by_pos.narrow(1, start, end - start).copy_(new_keys.detach())
+        self._values_by_pos.narrow(1, start, end - start).copy_(new_values.detach())
         if not self.frozen:
             self._length = end
-        return self._keys_by_pos.narrow(1, 0, end), self._values_by_pos.narrow(1, 0, end)
+            self._graph_keys, self._graph_values = keys, values
+        return keys, values
 
     def claim(
         self, n_new: int
@@ -221,8 +261,13 @@ class KeyValueCacheEntry:
 
     def commit(self, n_new: int) -> None:
         """Count ``n_new`` positions written after a :meth:`claim` (unless frozen, as appends)."""
+        self._commit(n_new)
+
+    def _commit(self, n_new: int) -> None:
+        """Advance the length after an untracked write; a graph kept before no longer covers it."""
         if not self.frozen:
             self._length += n_new
+            self._graph_keys = self._graph_values = None
 
     def check_new(self, new_keys: Tensor, new_values: Tensor) -> None:
         """Raise ``ValueError``/``TypeError`` unless these can be appended to this entry."""
@@ -244,6 +289,11 @@ class KeyValueCacheEntry:
             raise TypeError(
                 f"new_keys has dtype {new_keys.dtype}, this cache entry stores {self._dtype}"
             )
+        if new_keys.device != self._device or new_values.device != self._device:
+            raise ValueError(
+                f"new_keys is on {new_keys.device} and new_values on {new_values.device}, this "
+                f"cache entry is on {self._device}"
+            )
 
     def reserve(self, capacity: int) -> None:
         """Make room for ``capacity`` positions (growing geometrically); keeps the contents."""
@@ -255,6 +305,47 @@ class KeyValueCacheEntry:
             _new_storage(self.past_keys, *dims, self._length),
             _new_storage(self.past_values, *dims, self._length),
         )
+
+    def crop(self, length: int) -> None:
+        """Keep the first ``length`` positions (``0 <= length <= self.length``): O(1).
+
+        The dropped positions stay in the storage and are overwritten by the next append.
+        """
+        if isinstance(length, bool) or not isinstance(length, int):
+            raise TypeError(f"crop length must be an int, got {type(length).__name__}")
+        if not 0 <= length <= self._length:
+            raise ValueError(f"crop length must be in [0, {self._length}], got {length}")
+        self._length = length
+        if self._graph_keys is not None:
+            self._graph_keys = self._graph_keys.narrow(1, 0, length)
+        if self._graph_values is not None:
+            self._graph_values = self._graph_values.narrow(1, 0, length)
+
+    def select(self, indices: Tensor) -> None:
+        """Keep rows ``indices`` (valid int64 indices, any order, repeats allowed) in place.
+
+        Only the committed positions are copied. With as many rows as before (beam search's
+        reorder) the storage is reused; otherwise new storage of the same capacity replaces it.
+        A graph kept by the entry is selected too, so gradients still reach the chosen rows.
+        """
+        length = self._length
+        indices = indices.to(self._device)
+        keys = self._keys.narrow(2, 0, length).index_select(0, indices)
+        values = self._values.narrow(2, 0, length).index_select(0, indices)
+        if self._graph_keys is not None:
+            self._graph_keys = self._graph_keys.index_select(0, indices)
+        if self._graph_values is not None:
+            self._graph_values = self._graph_values.index_select(0, indices)
+        if indices.numel() == self._batch:
+            self._keys.narrow(2, 0, length).copy_(keys)
+            self._values.narrow(2, 0, length).copy_(values)
+            return
+        dims = (indices.numel(), self._heads, self._capacity, self._d_head)
+        self._set_storage(
+            _new_storage(keys.transpose(1, 2), *dims, length),
+            _new_storage(values.transpose(1, 2), *dims, length),
+        )
+        self._batch = indices.numel()
 
     def freeze(self) -> None:
         """Appends stop advancing the committed length."""
@@ -295,9 +386,14 @@ def _new_storage(
         storage = torch.empty(
             (batch, heads, capacity, d_head), dtype=contents.dtype, device=contents.device
         )
-        storage[:, :, :pos].copy_(contents.transpose(1, 2))
+        storage[:, :, :pos].copy_(contents.detach().transpose(1, 2))
         storage[:, :, pos:].zero_()
     return storage
+
+
+def _tracked(t: Tensor) -> Tensor | None:
+    """``t`` itself when autograd tracks it (grad mode on, ``t`` requires grad), else ``None``."""
+    return t if torch.is_grad_enabled() and t.requires_grad else None
 
 
 def _check_pair(

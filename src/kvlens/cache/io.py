@@ -58,8 +58,8 @@ def save_cache(
         raise ValueError(f"the cache has {len(cache.entries)} layers, cfg has {cfg.n_layers}")
     tensors: dict[str, Tensor] = {}
     for i, entry in enumerate(cache.entries):
-        tensors[f"layers.{i}.keys"] = entry.past_keys.contiguous().cpu()
-        tensors[f"layers.{i}.values"] = entry.past_values.contiguous().cpu()
+        tensors[f"layers.{i}.keys"] = entry.past_keys.detach().contiguous().cpu()
+        tensors[f"layers.{i}.values"] = entry.past_values.detach().contiguous().cpu()
     tensors["attention_mask"] = cache.previous_attention_mask.contiguous().cpu()
     tokens = cache.tokens
     if tokens is not None and tuple(tokens.shape) == (cache.batch_size, seq_len):

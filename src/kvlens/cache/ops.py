@@ -16,7 +16,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from kvlens.cache.entry import KeyValueCacheEntry, _new_storage
+from kvlens.cache.entry import KeyValueCacheEntry
 
 if TYPE_CHECKING:
     from kvlens.cache.cache import KeyValueCache
@@ -54,16 +54,6 @@ def resolve_crop_length(length: int, seq_len: int) -> int:
     return length if length >= 0 else seq_len + length
 
 
-def crop_entry(entry: KeyValueCacheEntry, length: int) -> None:
-    """Keep the first ``length`` positions of ``entry`` (0 <= length <= entry.length): O(1).
-
-    The dropped positions stay in the storage and are overwritten by the next append.
-    """
-    if not 0 <= length <= entry.length:
-        raise ValueError(f"crop length must be in [0, {entry.length}], got {length}")
-    entry._length = length
-
-
 def crop(cache: KeyValueCache, length: int) -> None:
     """Keep the first ``length`` positions of every layer, the mask and the tokens: O(1).
 
@@ -72,7 +62,7 @@ def crop(cache: KeyValueCache, length: int) -> None:
     """
     new_length = resolve_crop_length(length, check_consistent(cache))
     for entry in cache.entries:
-        entry._length = new_length
+        entry.crop(new_length)
     cache._mask_length = new_length
     if cache.tokens is not None:
         cache.tokens = cache.tokens[:, :new_length]
@@ -81,7 +71,7 @@ def crop(cache: KeyValueCache, length: int) -> None:
 def reset(cache: KeyValueCache) -> None:
     """Forget every position (lengths to 0), keeping the storage for reuse."""
     for entry in cache.entries:
-        entry._length = 0
+        entry.crop(0)
     cache._mask_length = 0
     cache.tokens = None
 
@@ -125,28 +115,6 @@ def check_batch_indices(indices: Tensor | Sequence[int], batch: int) -> Int[Tens
     return indices.to(torch.long)
 
 
-def select_entry(entry: KeyValueCacheEntry, indices: Int[Tensor, " new_batch"]) -> None:
-    """Keep rows ``indices`` of ``entry`` (valid indices, any order, repeats allowed).
-
-    Only the committed positions are copied. With as many rows as before (beam search's reorder)
-    the storage is reused; otherwise new storage of the same capacity replaces it.
-    """
-    length = entry.length
-    indices = indices.to(entry.device)
-    keys = entry._keys.narrow(2, 0, length).index_select(0, indices)
-    values = entry._values.narrow(2, 0, length).index_select(0, indices)
-    if indices.numel() == entry.batch_size:
-        entry._keys.narrow(2, 0, length).copy_(keys)
-        entry._values.narrow(2, 0, length).copy_(values)
-        return
-    dims = (indices.numel(), entry.n_kv_heads, entry.capacity, entry.d_head)
-    entry._set_storage(
-        _new_storage(keys.transpose(1, 2), *dims, length),
-        _new_storage(values.transpose(1, 2), *dims, length),
-    )
-    entry._batch = indices.numel()
-
-
 def select(cache: KeyValueCache, batch_indices: Tensor | Sequence[int]) -> None:
     """Keep rows ``batch_indices`` of every layer, the mask and the tokens, in that order.
 
@@ -157,7 +125,7 @@ def select(cache: KeyValueCache, batch_indices: Tensor | Sequence[int]) -> None:
     indices = check_batch_indices(batch_indices, batch)
     mask = cache.previous_attention_mask.index_select(0, indices.to(cache.device))
     for entry in cache.entries:
-        select_entry(entry, indices)
+        entry.select(indices)
     if indices.numel() == batch:
         cache._mask[:, : cache._mask_length].copy_(mask)
     else:

@@ -239,6 +239,8 @@ def test_attention_mask_is_a_view_and_grows_geometrically(cache):
 
 
 def test_previous_attention_mask_setter(cache):
+    for entry in cache:
+        entry.append(*kv(4))
     mask = torch.tensor([[1, 0, 1, 1], [1, 1, 1, 1]])
     cache.previous_attention_mask = mask
     assert torch.equal(cache.previous_attention_mask, mask)
@@ -246,6 +248,17 @@ def test_previous_attention_mask_setter(cache):
     assert out.shape == (BATCH, 5)
     with pytest.raises(ValueError, match="previous_attention_mask"):
         cache.previous_attention_mask = torch.ones(3, 2, dtype=torch.long)
+
+
+@pytest.mark.parametrize("length", [2, 5])
+def test_previous_attention_mask_setter_refuses_another_length(cache, length):
+    """On 1882f84 a shorter mask was accepted and broke the next forward pass."""
+    for entry in cache:
+        entry.append(*kv(4))
+    before = cache.previous_attention_mask.clone()
+    with pytest.raises(ValueError, match=f"covers {length} positions, the cache's layers hold 4"):
+        cache.previous_attention_mask = torch.ones(BATCH, length, dtype=torch.long)
+    assert torch.equal(cache.previous_attention_mask, before)
 
 
 def _bad_masks() -> list:

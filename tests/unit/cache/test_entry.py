@@ -404,3 +404,76 @@ def test_repr_and_nbytes(entry):
     text = repr(entry)
     assert "length=3" in text and f"batch={BATCH}" in text
     assert entry.nbytes == 2 * BATCH * HEADS * entry.capacity * D_HEAD * 4
+
+
+# Autograd ---------------------------------------------------------------------------------------
+
+
+def test_tracked_append_returns_graph_and_stores_detached_values(entry):
+    keys, values = kv(3, requires_grad=True)
+    full_k, full_v = entry.append(keys, values)
+    assert full_k.grad_fn is not None and entry.tracks_graph
+    assert entry.past_keys is full_k
+    assert not entry._keys.requires_grad  # the storage never joins the graph
+    torch.testing.assert_close(entry._keys[:, :, :3].transpose(1, 2), keys.detach())
+    more_k, more_v = kv(2, requires_grad=True)
+    full_k, full_v = entry.append(more_k, more_v)
+    (full_k.sum() + 2 * full_v.sum()).backward()
+    for t, g in ((keys, 1.0), (values, 2.0), (more_k, 1.0), (more_v, 2.0)):
+        torch.testing.assert_close(t.grad, torch.full_like(t, g))
+
+
+def test_tracked_append_on_a_frozen_entry_keeps_no_graph(entry):
+    with torch.no_grad():
+        entry.append(*kv(2))
+    entry.freeze()
+    for _ in range(3):  # each continuation backpropagates on its own
+        keys, values = kv(1, requires_grad=True)
+        full_k, _ = entry.append(keys, values)
+        full_k.sum().backward()
+        assert keys.grad is not None and entry.length == 2 and not entry.tracks_graph
+
+
+def test_untracked_commit_drops_the_graph(entry):
+    entry.append(*kv(2, requires_grad=True))
+    assert entry.tracks_graph
+    with torch.no_grad():
+        entry.append(*kv(1))
+    assert not entry.tracks_graph and entry.past_keys.shape[1] == 3
+    entry.append(*kv(1, requires_grad=True))
+    entry.claim(1)
+    entry.commit(1)
+    assert not entry.tracks_graph and entry.length == 5
+
+
+def test_crop_and_select_carry_the_graph(entry):
+    keys, values = kv(4, requires_grad=True)
+    entry.append(keys, values)
+    entry.crop(3)
+    assert entry.past_keys.shape[1] == 3
+    entry.select(torch.tensor([1, 1, 0]))
+    assert entry.batch_size == 3 and entry.past_keys.shape == (3, 3, HEADS, D_HEAD)
+    entry.past_keys.sum().backward()
+    want = torch.zeros_like(keys)
+    want[1, :3], want[0, :3] = 2.0, 1.0
+    torch.testing.assert_close(keys.grad, want)
+    with pytest.raises(ValueError, match=r"crop length must be in \[0, 3\]"):
+        entry.crop(4)
+
+
+def test_constructor_and_setter_keep_a_tracked_tensor(entry):
+    keys, values = kv(2, requires_grad=True)
+    built = KeyValueCacheEntry(keys * 2, values * 2)
+    assert built.tracks_graph and built.past_keys.grad_fn is not None
+    built.past_keys.sum().backward()
+    torch.testing.assert_close(keys.grad, torch.full_like(keys, 2.0))
+    with torch.no_grad():
+        plain = KeyValueCacheEntry(keys * 2, values * 2)
+    assert not plain.tracks_graph
+
+
+def test_append_refuses_another_device_naming_both(entry):
+    keys, values = kv(1, device="meta")
+    with pytest.raises(ValueError, match=r"new_keys is on meta.*this cache entry is on cpu"):
+        entry.append(keys, values)
+    assert entry.length == 0
