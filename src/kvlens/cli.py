@@ -154,7 +154,8 @@ def _extend(model: HookedTransformer, cache: KeyValueCache, tokens: Any) -> KeyV
     import torch
 
     before = cache.tokens
-    model(tokens, return_type=None, past_kv_cache=cache)
+    # The prompt's tokens are all real (a pad id in it is text, not padding).
+    model(tokens, return_type=None, past_kv_cache=cache, attention_mask=torch.ones_like(tokens))
     cache.tokens = None if before is None else torch.cat([before, tokens.to(before.device)], 1)
     return cache
 

@@ -36,8 +36,11 @@ def last_position_logits(
     """Run ``tokens`` (after what ``cache`` holds) and return the logits of the last position.
 
     Only the last position is unembedded: for a long prompt that skips most of the largest
-    matrix product of the prefill.
+    matrix product of the prefill. ``attention_mask=None`` means every token is real (no
+    padding is guessed from pad tokens, unlike a forward pass with a cache).
     """
+    if attention_mask is None:
+        attention_mask = torch.ones_like(tokens)
     resid = model(
         tokens,
         past_kv_cache=cache,
@@ -59,6 +62,8 @@ def prefill(
 ) -> tuple[Float[Tensor, "batch d_vocab"], KeyValueCache]:
     """Fill a cache with ``tokens`` (a new cache unless one is given).
 
+    ``attention_mask=None`` means every token is real.
+
     Returns:
         The logits of the last position and the cache.
     """
@@ -71,10 +76,37 @@ def prefill(
 
 @torch.no_grad()
 def decode_step(
-    model: HookedTransformer, token: Int[Tensor, " batch"], cache: KeyValueCache | SharedPrefixCache
+    model: HookedTransformer,
+    token: Int[Tensor, " batch"],
+    cache: KeyValueCache | SharedPrefixCache,
+    real: Int[Tensor, "batch 1"] | None = None,
 ) -> Float[Tensor, "batch d_vocab"]:
-    """Feed one token per row and return the next logits; the cache grows by one position."""
-    return model(token[:, None], past_kv_cache=cache)[:, -1]
+    """Feed one token per row and return the next logits; the cache grows by one position.
+
+    Args:
+        model: The model.
+        token: The new token of each row. It is real even when it is the pad token (a
+            generated EOS that doubles as the pad token stays visible to later tokens).
+        cache: The cache to read and extend.
+        real: All ones ``[batch, 1]``, the token's mask, made once by a caller that steps many
+            times (default: made here).
+    """
+    column = token[:, None]
+    mask = real if real is not None else torch.ones_like(column)
+    return model(column, past_kv_cache=cache, attention_mask=mask)[:, -1]
+
+
+def left_align(
+    tokens: Int[Tensor, "batch pos"], attention_mask: Int[Tensor, "batch pos"]
+) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]:
+    """Move each row's padding to its start, keeping its real tokens in order.
+
+    Pad tokens take no position and no token attends to them, so a row means the same wherever
+    its pads sit; with every pad in front, the last position of each row is its last real token,
+    where its next token is read.
+    """
+    order = (attention_mask != 0).to(torch.int32).argsort(dim=1, stable=True)
+    return tokens.gather(1, order), attention_mask.gather(1, order)
 
 
 def generate_tokens(
@@ -91,19 +123,25 @@ def generate_tokens(
 ) -> Iterator[Int[Tensor, " batch"]]:
     """Yield each step's new token of every row.
 
-    A row that produced an EOS (when ``eos_token_ids`` is not empty) yields ``pad_token_id``
-    from then on; generation ends when every row has, or after ``max_new_tokens``.
+    Each row gives what it gives alone: padding may sit anywhere in ``attention_mask`` (left,
+    right, or both); it is moved to the front of each row first (:func:`left_align`).
+    ``attention_mask=None`` means every token is real. A row that produced an EOS (when
+    ``eos_token_ids`` is not empty) yields ``pad_token_id`` from then on; generation ends when
+    every row has, or after ``max_new_tokens``.
     """
     batch = tokens.shape[0]
     device = tokens.device
     if attention_mask is None:
         attention_mask = torch.ones_like(tokens)
+    else:
+        tokens, attention_mask = left_align(tokens, attention_mask.to(device))
     counts = None
     if sampling.freq_penalty > 0 and not sampling.greedy:
         counts = torch.zeros((batch, model.cfg.d_vocab), device=device)
         counts.scatter_add_(1, tokens, attention_mask.to(counts.dtype))
     eos = torch.tensor(list(eos_token_ids), dtype=torch.long, device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    real = torch.ones((batch, 1), dtype=torch.int32, device=device)  # every new token's mask
     cache: KeyValueCache | SharedPrefixCache
     if use_past_kv_cache and is_shareable_prefix(past_kv_cache):
         # Every row continues the frozen prefix, which stays as it is; the rows' own tokens go
@@ -134,10 +172,10 @@ def generate_tokens(
         if step == max_new_tokens - 1 or (eos.numel() and bool(finished.all())):
             return
         if use_past_kv_cache:
-            logits = decode_step(model, token, cache)
+            logits = decode_step(model, token, cache, real)
         else:
             all_tokens = torch.cat([all_tokens, token[:, None]], dim=1)
-            all_mask = torch.cat([all_mask, torch.ones_like(token[:, None])], dim=1)
+            all_mask = torch.cat([all_mask, real.to(all_mask.dtype)], dim=1)
             logits = last_position_logits(model, all_tokens, all_mask, None)
 
 
@@ -156,6 +194,7 @@ class GenerationMixin:
         max_new_tokens: int,
         past_kv_cache: KeyValueCache | None,
     ) -> tuple[Tensor, Tensor]:
+        """The prompt's tokens and mask, checked against the context length."""
         if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
         if isinstance(input, str) or (
@@ -176,7 +215,14 @@ class GenerationMixin:
                     "input tokens must be an integer tensor [batch, pos], got "
                     f"{tuple(input.shape)} of {input.dtype}"
                 )
-            mask = torch.ones_like(tokens) if attention_mask is None else attention_mask
+            mask = attention_mask
+            if mask is None:
+                # Always as with a cache (generation reads one), so that use_past_kv_cache=False
+                # gives the same tokens.
+                inferred = self._inferred_attention_mask(  # type: ignore[attr-defined]
+                    tokens, True, prepend_bos, padding_side
+                )
+                mask = torch.ones_like(tokens) if inferred is None else inferred.to(tokens.dtype)
         else:
             raise TypeError(
                 f"input must be a string, a list of strings or a token tensor, got {type(input)}"
@@ -272,9 +318,12 @@ class GenerationMixin:
     ) -> Any:
         """Continue the input, reusing past keys and values (TransformerLens's ``generate``).
 
+        Each row of a batch gets exactly the tokens it gets alone, whichever side it is padded
+        on: the next token is read at each row's last real token.
+
         Args:
-            input: A prompt, a list of prompts (left-padded into one batch), or tokens
-                ``[batch, pos]``.
+            input: A prompt, a list of prompts (padded into one batch on ``padding_side``), or
+                tokens ``[batch, pos]``.
             max_new_tokens: Tokens to add at most.
             stop_at_eos: Stop a row at its first EOS; later positions hold the pad token.
             eos_token_id: The EOS id (or ids); default the tokenizer's.
@@ -282,11 +331,16 @@ class GenerationMixin:
             top_k, top_p, temperature, freq_penalty: See :class:`kvlens.sampling.SamplingConfig`.
             use_past_kv_cache: Reuse keys and values; ``False`` reruns the whole sequence each step
                 (slow; for checking).
-            prepend_bos: Prepend BOS to text input; default ``cfg.default_prepend_bos``.
-            padding_side: Padding of a batch of prompts; default left.
+            prepend_bos: Prepend BOS to text input; default ``cfg.default_prepend_bos``. For
+                token input without a mask: whether a leading pad that is BOS is real.
+            padding_side: Padding of a batch of prompts, default left; for token input without
+                a mask, the end its rows are padded at, default the tokenizer's.
             return_type: ``"str"``, ``"tokens"``, or ``"input"`` (the input's kind).
             verbose: Show a progress bar.
-            attention_mask: The mask of token input (1 = real token).
+            attention_mask: The mask of token input (1 = real token). Default: the pad tokens
+                at the padded end of each row are padding, as a forward pass with a cache
+                guesses (see :meth:`HookedTransformer.forward`); every token is real when the
+                model has no tokenizer.
             past_kv_cache: Continue after what this cache holds (it is extended).
             seed: Seed of a private random generator, for reproducible sampling.
             generator: A random generator to sample with (instead of ``seed``).
@@ -300,8 +354,8 @@ class GenerationMixin:
                 (acceptance rate and so on).
 
         Returns:
-            The input followed by the new tokens: tokens ``[batch, pos + new]``, or strings
-            (one string for one prompt), without padding.
+            The input followed by the new tokens: tokens ``[batch, pos + new]`` (the prompt as
+            given, padding included), or strings (one string for one prompt), without padding.
         """
         if return_type not in ("input", "str", "tokens"):
             raise ValueError(f"return_type must be 'input', 'str' or 'tokens', got {return_type!r}")

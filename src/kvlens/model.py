@@ -80,15 +80,24 @@ class HookedTransformer(TokenizerMixin, GenerationMixin, HookedRootModule):
 
     Args:
         cfg: The architecture.
-        tokenizer: An optional HF tokenizer kept as ``self.tokenizer``.
+        tokenizer: An optional HF tokenizer kept as ``self.tokenizer``; its ``padding_side`` is
+            set to ``default_padding_side`` (see :meth:`set_tokenizer`).
         init_weights: Draw the weight matrices from ``N(0, 0.02)`` (biases start at 0 and norm
             scales at 1 either way). Loaders pass ``False`` and fill every weight.
+        default_padding_side: Where ``to_tokens`` pads a batch; TransformerLens's default,
+            ``"right"``, whatever the tokenizer said.
     """
 
-    def __init__(self, cfg: ModelConfig, tokenizer: Any = None, init_weights: bool = True) -> None:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        tokenizer: Any = None,
+        init_weights: bool = True,
+        default_padding_side: PaddingSide = "right",
+    ) -> None:
         super().__init__()
         self.cfg = cfg
-        self.tokenizer = tokenizer
+        self.set_tokenizer(tokenizer, default_padding_side)
         with torch.device(get_device_for_block_index(0, cfg)):
             self.embed = Embed(cfg)
             self.hook_embed = HookPoint()  # [batch, pos, d_model]
@@ -118,6 +127,29 @@ class HookedTransformer(TokenizerMixin, GenerationMixin, HookedRootModule):
         if self.cfg.final_norm:
             self.ln_final.to(last)
 
+    def _apply(self, fn: Any, recurse: bool = True) -> HookedTransformer:
+        """Keep ``cfg.dtype`` and ``cfg.device`` in step with the weights after a move.
+
+        Every move or cast of the whole model (``to``, ``cuda``, ``cpu``, ``half``, ``float``,
+        ``double``, ``bfloat16``, ``to_empty``) goes through this method, so caches built from
+        ``model.cfg`` afterwards (``generate``, ``prefill``, ``KeyValueCache.init_cache``) get the
+        weights' dtype and device. A model split over ``cfg.n_devices`` devices is spread again
+        from its new first device.
+        """
+        super()._apply(fn, recurse)
+        weight = self.embed.W_E  # a float parameter on block 0's device
+        changes: dict[str, Any] = {}
+        if weight.dtype != self.cfg.dtype:
+            changes["dtype"] = weight.dtype
+        moved = not _same_device(weight.device, get_device_for_block_index(0, self.cfg))
+        if moved:
+            changes["device"] = str(weight.device)
+        if changes:
+            self.cfg = self.cfg.replace(**changes)
+        if moved and self.cfg.n_devices > 1:
+            self._place_on_devices()
+        return self
+
     def init_weights(self) -> None:
         """Draw every weight matrix (``W_*``) from ``N(0, 0.02)`` (GPT-2's initialisation)."""
         for name, param in self.named_parameters():
@@ -126,20 +158,27 @@ class HookedTransformer(TokenizerMixin, GenerationMixin, HookedRootModule):
 
     @classmethod
     def from_hf_model(
-        cls, hf_model: PreTrainedModel, dtype: torch.dtype | None = None, tokenizer: Any = None
+        cls,
+        hf_model: PreTrainedModel,
+        dtype: torch.dtype | None = None,
+        tokenizer: Any = None,
+        default_padding_side: PaddingSide = "right",
     ) -> HookedTransformer:
         """Convert an in-memory ``transformers`` causal LM (GPT-2, GPT-NeoX, Llama, Mistral, Qwen2).
 
         Args:
             hf_model: The HF model; its weights are copied, it is not modified.
             dtype: The dtype of the result (default: the HF model's).
-            tokenizer: Kept as ``self.tokenizer``.
+            tokenizer: Kept as ``self.tokenizer`` (its ``padding_side`` is set).
+            default_padding_side: The tokenizer's padding side (TransformerLens's default).
         """
         from kvlens.loading.hf import config_from_hf, convert_hf_state_dict
 
         param = next(hf_model.parameters())
         cfg = config_from_hf(hf_model.config, dtype=dtype or param.dtype, device=str(param.device))
-        model = cls(cfg, tokenizer=tokenizer, init_weights=False)
+        model = cls(
+            cfg, tokenizer=tokenizer, init_weights=False, default_padding_side=default_padding_side
+        )
         model.load_state_dict(convert_hf_state_dict(cfg, hf_model.state_dict()), strict=True)
         return model
 
@@ -150,6 +189,7 @@ class HookedTransformer(TokenizerMixin, GenerationMixin, HookedRootModule):
         dtype: torch.dtype = torch.float32,
         device: str | None = None,
         progress: bool = True,
+        default_padding_side: PaddingSide = "right",
     ) -> HookedTransformer:
         """Load a model by name or from local files; nothing is downloaded.
 
@@ -161,10 +201,14 @@ class HookedTransformer(TokenizerMixin, GenerationMixin, HookedRootModule):
             dtype: Dtype of the weights and the cache.
             device: Where the weights go (default: torch's default device).
             progress: Show progress bars while reading and dequantizing.
+            default_padding_side: Where ``to_tokens`` pads a batch: TransformerLens's default,
+                ``"right"``, whatever side the checkpoint's tokenizer chose.
         """
         from kvlens.loading.pretrained import load_pretrained
 
-        return load_pretrained(model_name, dtype=dtype, device=device, progress=progress)
+        model = load_pretrained(model_name, dtype=dtype, device=device, progress=progress)
+        model.set_tokenizer(model.tokenizer, default_padding_side)
+        return model
 
     # TransformerLens's weight shortcuts ------------------------------------------------------
 
@@ -230,17 +274,25 @@ class HookedTransformer(TokenizerMixin, GenerationMixin, HookedRootModule):
                 stays put if it is frozen). A frozen batch-1 cache with several rows of input is
                 shared by them, stored and read once (see :class:`SharedPrefixCache`).
             attention_mask: The new tokens' mask, 1 real and 0 padding. A pad token consumes no
-                position and no token attends to it. Default: all real.
+                position and no token attends to it. Default for token input: TransformerLens
+                2.18's guess when the padding side is left or ``past_kv_cache`` is given (the
+                run of pad tokens at the padded end of each row is padding; a BOS that is also
+                the pad token stays real when BOS is prepended), otherwise all real. Text input
+                is masked as it was tokenized.
             start_at_layer: Skip the embedding and the blocks before this one.
             stop_at_layer: Return the residual stream entering this block instead of logits.
             tokens: The tokens, for the loss when ``start_at_layer`` is given.
-            prepend_bos: For text input: prepend BOS (default ``cfg.default_prepend_bos``).
-            padding_side: For a batch of texts: where padding goes (default the tokenizer's).
+            prepend_bos: For text input: prepend BOS (default ``cfg.default_prepend_bos``). For
+                token input without a mask: whether a leading pad that is the BOS token is real.
+            padding_side: For a batch of texts: where padding goes; for token input without a
+                mask: the end the rows are padded at. Default the tokenizer's.
         """
         if return_type not in _RETURN_TYPES:
             raise ValueError(f"return_type must be one of {_RETURN_TYPES}, got {return_type!r}")
         layers = range(self.cfg.n_layers)[start_at_layer:stop_at_layer]
+        text_input = False
         if isinstance(input, (str, list, tuple)):
+            text_input = True
             input, text_mask = self.to_tokens_and_mask(input, prepend_bos, padding_side)
             if attention_mask is None and bool((text_mask == 0).any()):
                 attention_mask = text_mask
@@ -248,6 +300,11 @@ class HookedTransformer(TokenizerMixin, GenerationMixin, HookedRootModule):
             # The single place `input` becomes token ids.
             tokens = self._input_to_tokens(input)
             batch, n_new = tokens.shape
+            if attention_mask is None and not text_input:
+                # Device work only: `_prepare`'s one host sync finds whether it masks anything.
+                attention_mask = self._inferred_attention_mask(
+                    tokens, past_kv_cache is not None, prepend_bos, padding_side
+                )
         else:
             residual = self._check_residual(input)
             batch, n_new = residual.shape[0], residual.shape[1]
@@ -276,7 +333,6 @@ class HookedTransformer(TokenizerMixin, GenerationMixin, HookedRootModule):
             return residual
         return self._output(residual, return_type, tokens, prep.loss_mask, loss_per_token)
 
-    @torch.no_grad()
     def prefill(
         self,
         tokens: Int[Tensor, "batch pos"] | str,
@@ -291,12 +347,20 @@ class HookedTransformer(TokenizerMixin, GenerationMixin, HookedRootModule):
 
         Args:
             tokens: Token ids ``[batch, pos]`` (or ``[pos]``), or a string.
-            attention_mask: Their mask, 1 real and 0 padding.
+            attention_mask: Their mask, 1 real and 0 padding; default as in :meth:`forward`
+                with a cache (TransformerLens's guess from the pad tokens, for token input).
             capacity: Positions to preallocate; default exactly the tokens' (a frozen prefix
                 never grows).
+
+        Follows torch's grad mode like any forward pass: under grad the cache keeps the graph
+        of its keys and values, so later passes can backpropagate into the prefix. Wrap it in
+        ``torch.no_grad()`` (or ``torch.inference_mode()``) when no gradient is needed: it is
+        then faster and holds no activations.
         """
         if isinstance(tokens, str):
-            tokens = self.to_tokens(tokens)
+            # Masked as tokenized: a pad-id token in the text (e.g. a final EOS) stays real.
+            tokens, text_mask = self.to_tokens_and_mask(tokens)
+            attention_mask = text_mask if attention_mask is None else attention_mask
         tokens = self._input_to_tokens(tokens)
         batch, pos = tokens.shape
         cache = KeyValueCache.init_cache(self.cfg, self.cfg.device, batch, max(capacity, pos))
@@ -471,4 +535,9 @@ class HookedTransformer(TokenizerMixin, GenerationMixin, HookedRootModule):
                 f"attention_mask has shape {tuple(mask.shape)}, expected {(batch, n_new)} "
                 "(the input's [batch, pos])"
             )
-        return mask.to(device)
+        return mask if mask.device == device else mask.to(device)
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """Whether two devices are one, reading a missing index as 0 (``"cuda"`` is ``"cuda:0"``)."""
+    return a.type == b.type and (a.index or 0) == (b.index or 0)

@@ -84,7 +84,10 @@ def speculative_generate(
         proposals = _propose(draft, draft_cache, sequence, k, tokens.device)
         # The target's cache holds every token but the last; run it and the proposals.
         verify = torch.tensor([[sequence[-1], *proposals]], device=tokens.device)
-        choices = target(verify, past_kv_cache=target_cache)[0].argmax(-1).tolist()
+        # Every token here is real, an EOS among the proposals too: no mask is inferred.
+        real = torch.ones_like(verify)
+        logits_v = target(verify, past_kv_cache=target_cache, attention_mask=real)
+        choices = logits_v[0].argmax(-1).tolist()
         accepted = 0
         while accepted < k and proposals[accepted] == choices[accepted]:
             accepted += 1

@@ -6,7 +6,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Literal
 
 import torch
-from jaxtyping import Int
+from jaxtyping import Bool, Int
 from torch import Tensor
 
 from kvlens.config import ModelConfig
@@ -65,11 +65,100 @@ def pad_token_id(tokenizer: Any) -> int:
     return 0
 
 
+def padding_mask_from_tokens(
+    tokens: Int[Tensor, "batch pos"],
+    pad_id: int,
+    padding_side: PaddingSide,
+    keep_last_leading_pad: bool = False,
+) -> Bool[Tensor, "batch pos"]:
+    """Which tokens are real, judged from the tokens alone (TransformerLens 2.18's rule).
+
+    Only a run of ``pad_id`` at the padded end of a row counts as padding: the leading run for
+    left padding, the trailing run for right padding. A pad id anywhere else is a real token;
+    one at the padded end is taken for padding even when it was meant (e.g. a leading EOS when
+    the pad token is EOS), exactly as TransformerLens takes it.
+
+    Args:
+        tokens: Token ids.
+        pad_id: The pad token's id.
+        padding_side: The end the rows are padded at.
+        keep_last_leading_pad: The BOS token is the pad token and was prepended (left padding
+            only): the last leading pad of each row is its BOS, and stays real.
+
+    Returns:
+        True on real tokens, False on padding.
+    """
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    real = tokens != pad_id
+    if tokens.shape[-1] > 1:
+        # A token is real if a non-pad token sits at or before it (left) / at or after it (right).
+        if padding_side == "left":
+            real = real.cumsum(-1) > 0
+        else:
+            real = real.flip(-1).cumsum(-1).flip(-1) > 0
+    if keep_last_leading_pad and padding_side == "left":
+        # The token before a real one (the last token of an all-pad row) is the BOS.
+        after = torch.ones_like(real[..., :1])
+        real = real | torch.cat((real[..., 1:], after), dim=-1)
+    return real
+
+
 class TokenizerMixin:
     """Tokenizer helpers with TransformerLens's names, for models with ``cfg`` and ``tokenizer``."""
 
     cfg: ModelConfig
     tokenizer: Any
+
+    def set_tokenizer(self, tokenizer: Any, default_padding_side: PaddingSide = "right") -> None:
+        """Attach a tokenizer and set its padding side, as TransformerLens's ``set_tokenizer``.
+
+        The tokenizer object itself is changed (``tokenizer.padding_side``), so that
+        ``model.tokenizer.padding_side = "left"`` later changes how this model pads, as in
+        TransformerLens.
+
+        Args:
+            tokenizer: A Hugging Face tokenizer, or ``None``.
+            default_padding_side: Where ``to_tokens`` pads a batch unless told otherwise;
+                TransformerLens's default, ``"right"``, whatever side the checkpoint chose.
+        """
+        if default_padding_side not in ("left", "right"):
+            raise ValueError(
+                f"default_padding_side must be 'left' or 'right', got {default_padding_side!r}"
+            )
+        if tokenizer is not None:
+            tokenizer.padding_side = default_padding_side
+        self.tokenizer = tokenizer
+
+    def _inferred_attention_mask(
+        self,
+        tokens: Int[Tensor, "batch pos"],
+        has_cache: bool,
+        prepend_bos: bool | None,
+        padding_side: PaddingSide | None,
+    ) -> Bool[Tensor, "batch pos"] | None:
+        """The mask TransformerLens 2.18 gives token input passed without one, or ``None``.
+
+        TransformerLens infers one when the padding side is left or when a cache is passed, and
+        then treats the pad tokens at the padded end as padding (see
+        :func:`padding_mask_from_tokens`). The padding side is ``padding_side`` when given (as
+        TransformerLens's forward sets it on its tokenizer for the call), else the tokenizer's.
+        Without a tokenizer nothing is inferred (TransformerLens raises when it would infer):
+        ``None`` means every token is real.
+        """
+        tokenizer = self.tokenizer
+        if tokenizer is None:
+            return None
+        side = padding_side or getattr(tokenizer, "padding_side", None) or "right"
+        if side != "left" and not has_cache:
+            return None
+        pad = pad_token_id(tokenizer)
+        prepend = self.cfg.default_prepend_bos if prepend_bos is None else prepend_bos
+        bos = getattr(tokenizer, "bos_token_id", None)
+        keep_bos = bool(prepend) and side == "left" and bos is not None and int(bos) == pad
+        if keep_bos and tokens.shape[-1] == 1:
+            return None  # a lone token is the row's BOS, or follows it: real either way
+        return padding_mask_from_tokens(tokens, pad, side, keep_bos)
 
     def _require_tokenizer(self) -> Any:
         if self.tokenizer is None:

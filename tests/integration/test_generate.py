@@ -162,3 +162,60 @@ def test_prompt_longer_than_context_is_refused():
     model = tiny_llama_with_tokenizer(n_ctx=16)
     with pytest.raises(ValueError, match="n_ctx"):
         model.generate("word " * 40, max_new_tokens=1, verbose=False)
+
+
+# Padding: each row of a batch gives what it gives alone ------------------------------------------
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("use_past_kv_cache", [True, False])
+def test_batched_greedy_equals_each_prompt_alone_on_either_padding_side(
+    model, side, use_past_kv_cache
+):
+    batch = greedy(model, PROMPTS, padding_side=side, use_past_kv_cache=use_past_kv_cache)
+    assert batch == [greedy(model, p) for p in PROMPTS]
+
+
+def test_right_padded_tokens_keep_their_layout_and_each_row_continues_alone(model):
+    tokens, mask = model.to_tokens_and_mask(PROMPTS, padding_side="right")
+    assert not bool(mask[:, -1].all()), "some row must end in padding"
+    out = greedy(model, tokens, attention_mask=mask, max_new_tokens=6)
+    assert torch.equal(out[:, : tokens.shape[1]], tokens)
+    for i, prompt in enumerate(PROMPTS):
+        alone = greedy(model, model.to_tokens(prompt), max_new_tokens=6)
+        assert out[i, tokens.shape[1] :].tolist() == alone[0, -6:].tolist(), i
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_token_input_without_a_mask_is_unpadded_as_a_cached_forward_would(model, side):
+    # to_tokens pads with the pad token (EOS for SmolLM2); generate finds it on that side.
+    tokens = model.to_tokens(PROMPTS, padding_side=side)
+    out = greedy(model, tokens, padding_side=side, max_new_tokens=6)
+    for i, prompt in enumerate(PROMPTS):
+        alone = greedy(model, model.to_tokens(prompt), max_new_tokens=6)
+        assert out[i, -6:].tolist() == alone[0, -6:].tolist(), i
+
+
+def test_right_padded_suffixes_after_a_shared_prefix_equal_each_alone(model):
+    prefix = model.prefill(model.to_tokens("Once upon a time,")).freeze()
+    suffixes = [" the cat", " a small dog ran to the house and"]
+    batch = greedy(model, suffixes, padding_side="right", past_kv_cache=prefix, max_new_tokens=6)
+    for i, suffix in enumerate(suffixes):
+        alone = greedy(model, suffix, past_kv_cache=prefix, max_new_tokens=6)
+        assert batch[i] == alone, i
+
+
+def test_a_generated_pad_token_stays_real_in_later_steps(model):
+    # SmolLM2's pad token is its EOS: fed back in a decode step it must not be masked, as a
+    # forward pass with a cache would guess for a trailing pad token.
+    eos = model.tokenizer.eos_token_id
+    prompt = model.to_tokens(PROMPTS[0])
+    tokens = torch.cat([prompt, torch.tensor([[eos]])], dim=1)
+    cache = KeyValueCache.init_cache(model.cfg, None, 1)
+    model(prompt, past_kv_cache=cache)
+    from kvlens.generate import decode_step
+
+    stepped = decode_step(model, torch.tensor([eos]), cache)
+    assert bool(cache.previous_attention_mask.all())
+    full = model(tokens, attention_mask=torch.ones_like(tokens))[:, -1]
+    assert torch.allclose(stepped, full, atol=1e-4)
