@@ -166,10 +166,16 @@ def worker_command(spec: dict[str, Any], peer_python: Path) -> list[str]:
     return [sys.executable, str(HERE / "generate_kvlens.py"), json.dumps(spec)]
 
 
-def run_worker(spec: dict[str, Any], peer_python: Path) -> dict[str, Any]:
-    """Run one worker: its records grouped by kind, its status, its wall time."""
+def run_worker(
+    spec: dict[str, Any], peer_python: Path, extra_env: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """Run one worker: its records grouped by kind, its status, its wall time.
+
+    ``extra_env`` is added to the worker's environment (e.g. ``PYTHONPATH`` naming another
+    kvlens source tree, as ``bench_baseline.py`` does).
+    """
     threads = str(spec["threads"])
-    env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+    env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, **(extra_env or {}))
     env.update(TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     # Every configuration and sweep point is cut inside the worker; this only catches a hang.
     timeout = 300 + spec["config_timeout_s"] * (len(spec["grid"]) + len(spec["contexts"]))

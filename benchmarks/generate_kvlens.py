@@ -52,7 +52,8 @@ def build(spec: dict[str, Any]) -> System:
             stamps.append(time.perf_counter())
         return Timing(start, stamps, time.perf_counter())
 
-    return System(generate, {"kvlens": version("kvlens"), **module_info(model)})
+    info = {"kvlens": version("kvlens"), "kvlens_file": kvlens.__file__, **module_info(model)}
+    return System(generate, info)
 
 
 if __name__ == "__main__":

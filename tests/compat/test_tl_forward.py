@@ -1,0 +1,153 @@
+"""Forward passes: logits, loss, tokenization and partial runs equal TransformerLens's."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tests.compat.bridge import to_transformer_lens
+from tests.compat.pairs import (
+    PAD,
+    Pair,
+    assert_same,
+    model_pair,
+    random_kvlens_model,
+    random_tokens,
+    tiny_tokenizer,
+)
+
+
+def test_logits(pair: Pair) -> None:
+    tokens = random_tokens(0, 3, 12)
+    assert_same(pair.kv(tokens), pair.tl(tokens), "logits")
+
+
+@pytest.mark.parametrize("per_token", [False, True])
+def test_loss(pair: Pair, per_token: bool) -> None:
+    tokens = random_tokens(1, 2, 10)
+    kv = pair.kv(tokens, return_type="loss", loss_per_token=per_token)
+    tl = pair.tl(tokens, return_type="loss", loss_per_token=per_token)
+    assert_same(kv, tl, "loss")
+    kv_both, tl_both = pair.kv(tokens, return_type="both"), pair.tl(tokens, return_type="both")
+    assert_same(kv_both.logits, tl_both.logits, "both.logits")
+    assert_same(kv_both.loss, tl_both.loss, "both.loss")
+
+
+def test_return_type_none(pair: Pair) -> None:
+    tokens = random_tokens(2, 1, 4)
+    assert pair.kv(tokens, return_type=None) is None
+    assert pair.tl(tokens, return_type=None) is None
+
+
+def test_stop_and_start_at_layer(pair: Pair) -> None:
+    tokens = random_tokens(3, 2, 8)
+    kv_resid = pair.kv(tokens, stop_at_layer=1)
+    tl_resid = pair.tl(tokens, stop_at_layer=1)
+    assert_same(kv_resid, tl_resid, "residual entering block 1")
+    assert_same(pair.kv(tl_resid, start_at_layer=1), pair.tl(tl_resid, start_at_layer=1), "logits")
+    kv_loss = pair.kv(tl_resid, start_at_layer=1, tokens=tokens, return_type="loss")
+    tl_loss = pair.tl(tl_resid, start_at_layer=1, tokens=tokens, return_type="loss")
+    assert_same(kv_loss, tl_loss, "loss from block 1")
+
+
+def test_text_input(tpair: Pair) -> None:
+    text = "the cat sat on the mat"
+    assert_same(tpair.kv(text), tpair.tl(text), "logits of a string (BOS prepended)")
+    kv = tpair.kv(text, prepend_bos=False, return_type="loss")
+    assert_same(kv, tpair.tl(text, prepend_bos=False, return_type="loss"), "loss without BOS")
+
+
+def test_tokenization_helpers(tpair: Pair) -> None:
+    texts = ["the cat sat on the mat", "a dog", "one two three"]
+    for kwargs in ({}, {"prepend_bos": False}, {"padding_side": "left"}):
+        assert torch.equal(tpair.kv.to_tokens(texts, **kwargs), tpair.tl.to_tokens(texts, **kwargs))
+    assert torch.equal(tpair.kv.to_tokens(texts[0]), tpair.tl.to_tokens(texts[0]))
+    assert tpair.kv.to_str_tokens(texts[0]) == tpair.tl.to_str_tokens(texts[0])
+    ids = tpair.kv.to_tokens(texts[1])[0]
+    assert tpair.kv.to_string(ids) == tpair.tl.to_string(ids)
+
+
+def test_to_tokens_pads_right_by_default(tpair: Pair) -> None:
+    """TL pads on the right unless told otherwise, whatever the tokenizer object says.
+
+    The tiny tokenizer itself says ``padding_side="left"`` (as SmolLM2's does); TL's
+    ``set_tokenizer`` sets its copy to the model's ``default_padding_side``, "right" by default.
+    """
+    texts = ["the cat sat on the mat", "a dog"]
+    tl_tokens = tpair.tl.to_tokens(texts)
+    assert tl_tokens[1, -1] == PAD
+    assert torch.equal(tpair.kv.to_tokens(texts), tl_tokens)
+
+
+def test_text_batch_logits(tpair: Pair) -> None:
+    """A list of strings: padded the same way, the real positions' logits agree."""
+    texts = ["the cat sat on the mat", "a dog"]
+    real = tpair.tl.to_tokens(texts) != PAD
+    assert_same(tpair.kv(texts)[real], tpair.tl(texts)[real], "logits at real tokens")
+
+
+def test_text_batch_loss_ignores_padding_in_kvlens_only(tpair: Pair) -> None:
+    """Pinned difference: TL's loss of a right-padded text batch counts the pad predictions.
+
+    TL computes an attention mask only when the tokenizer pads left, a mask is given or a cache
+    is used, so with its default right padding the loss averages over pad tokens too. kvlens
+    masks the padding of any text batch, which equals TL given the mask explicitly.
+    """
+    texts = ["the cat sat on the mat", "a dog"]
+    tokens = tpair.tl.to_tokens(texts)
+    mask = (tokens != PAD).long()
+    tl_loss = tpair.tl(texts, return_type="loss")
+    assert_same(tl_loss, tpair.tl(tokens, return_type="loss"), "TL: unmasked")
+    tl_masked = tpair.tl(tokens, return_type="loss", attention_mask=mask)
+    assert not torch.allclose(tl_loss, tl_masked)
+    assert_same(tpair.kv(texts, return_type="loss"), tl_masked, "kvlens: masked")
+
+
+def test_arguments_after_return_type_are_keyword_only(pair: Pair) -> None:
+    """Pinned difference: TL takes ``loss_per_token`` (and the rest) positionally, kvlens does not.
+
+    TL's positional order (``loss_per_token, prepend_bos, padding_side, start_at_layer, ...``) is
+    an accident of history; kvlens refuses positional use rather than guess at it.
+    """
+    tokens = random_tokens(4, 1, 6)
+    per_token = pair.tl(tokens, "loss", True)
+    assert per_token.shape == (1, 5)
+    with pytest.raises(TypeError):
+        pair.kv(tokens, "loss", True)
+    assert_same(pair.kv(tokens, "loss", loss_per_token=True), per_token, "per-token loss")
+
+
+def test_grouped_query_weight_views() -> None:
+    """Pinned difference: under grouped-query attention kvlens's ``W_K``/``W_V`` are per kv head.
+
+    TL's ``attn.W_K`` repeats each key/value head for the query heads that share it
+    (``[head_index, d_model, d_head]``); kvlens's is the stored ``[kv_head, d_model, d_head]``.
+    TL's stored weight is ``attn._W_K``, equal to kvlens's.
+    """
+    pair = model_pair("llama")
+    n_heads, n_kv = pair.kv.cfg.n_heads, pair.kv.cfg.n_key_value_heads
+    assert n_kv is not None and n_kv < n_heads
+    kv_attn, tl_attn = pair.kv.blocks[0].attn, pair.tl.blocks[0].attn
+    for kv_w, tl_w, tl_stored in (
+        (kv_attn.W_K, tl_attn.W_K, tl_attn._W_K),
+        (pair.kv.W_V[0], pair.tl.W_V[0], tl_attn._W_V),
+    ):
+        assert kv_w.shape[0] == n_kv and tl_w.shape[0] == n_heads
+        assert torch.equal(kv_w, tl_stored)
+        assert torch.equal(kv_w.repeat_interleave(n_heads // n_kv, dim=0), tl_w)
+
+
+def test_pair_is_built_offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bridge gives TL a tokenizer it keeps as is: TL never loads one by name."""
+    import transformers
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError(f"TL tried to load a tokenizer by name: {args}")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", refuse)
+    kv = random_kvlens_model("gpt2", tokenizer=tiny_tokenizer())
+    tokenizer = tiny_tokenizer()
+    tl = to_transformer_lens(kv, tokenizer)
+    assert tl.tokenizer is not tokenizer
+    assert (tokenizer.padding_side, tl.tokenizer.padding_side) == ("left", "right")
+    assert tl.cfg.default_prepend_bos and not tl.cfg.tokenizer_prepends_bos
+    assert_same(kv(random_tokens(9, 1, 4)), tl(random_tokens(9, 1, 4)), "logits")
