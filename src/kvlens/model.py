@@ -413,6 +413,8 @@ class HookedTransformer(TokenizerMixin, GenerationMixin, HookedRootModule):
             )
             return _Prepared(*shared)
         device = self.position_ids.device
+        if cache is not None:
+            self._check_cache_placement(cache, first_layer)
         new_mask = self._check_attention_mask(
             attention_mask, batch, n_new, device, ones_if_none=cache is not None
         )
@@ -438,6 +440,29 @@ class HookedTransformer(TokenizerMixin, GenerationMixin, HookedRootModule):
         pad_mask = full_mask[:, offset:] if has_padding and full_mask is not None else None
         loss_mask = new_mask if attention_mask is not None else None
         return _Prepared(ctx, positions, pad_mask, loss_mask)
+
+    def _check_cache_placement(self, cache: KeyValueCache, first_layer: int) -> None:
+        """Raise before anything is written unless each layer's entry matches its block's weights.
+
+        A cache built for another dtype or device (e.g. before ``model.double()`` or
+        ``model.to(device)``) is refused with both named.
+        """
+        if len(cache) != self.cfg.n_layers:
+            return  # _full_mask reports the layer count
+        for i in range(first_layer, self.cfg.n_layers):
+            entry, weight = cache[i], self.blocks[i].attn.W_QKV
+            if entry.dtype != weight.dtype:
+                raise TypeError(
+                    f"past_kv_cache's layer {i} stores {entry.dtype}, this model's layer {i} "
+                    f"computes in {weight.dtype}; build the cache from model.cfg "
+                    "(KeyValueCache.init_cache(model.cfg, ...)) after moving the model"
+                )
+            if entry.device != weight.device:
+                raise ValueError(
+                    f"past_kv_cache's layer {i} is on {entry.device}, this model's layer {i} is "
+                    f"on {weight.device}; build the cache from model.cfg "
+                    "(KeyValueCache.init_cache(model.cfg, ...)) after moving the model"
+                )
 
     def _full_mask(
         self,

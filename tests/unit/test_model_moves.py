@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from tests.helpers import make_hf_model
 from tests.tiny_models import tiny_llama_with_tokenizer
 
 from kvlens import KeyValueCache, ModelConfig
@@ -144,3 +145,20 @@ def test_cuda_and_back():
     model.cpu()
     assert model.cfg.device == "cpu"
     assert model.generate(PROMPT, **kw) == expected
+
+
+@torch.no_grad()
+def test_a_cache_of_another_dtype_or_device_is_refused_naming_both():
+    model = HookedTransformer.from_hf_model(make_hf_model("llama"))
+    old = KeyValueCache.init_cache(model.cfg, model.cfg.device, 1)
+    model.double()
+    tokens = torch.tensor([[1, 2, 3]])
+    with pytest.raises(TypeError, match=r"layer 0 stores torch.float32.*computes in torch.float64"):
+        model(tokens, past_kv_cache=old)
+    assert old.seq_len == 0 and old.previous_attention_mask.shape == (1, 0)
+    elsewhere = KeyValueCache.init_cache(model.cfg, "meta", 1)
+    with pytest.raises(ValueError, match=r"layer 0 is on meta.*layer 0 is on cpu"):
+        model(tokens, past_kv_cache=elsewhere)
+    fresh = KeyValueCache.init_cache(model.cfg, model.cfg.device, 1)
+    model(tokens, past_kv_cache=fresh)
+    assert fresh[0].dtype == torch.float64 and fresh.seq_len == 3
