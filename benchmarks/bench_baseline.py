@@ -74,9 +74,36 @@ def one_run(spec: dict[str, Any], src: Path | None) -> dict[str, Any]:
     return {**runs[0], "kvlens_file": info.get("kvlens_file"), "read": worker["records"]["read"]}
 
 
+def summary(result: dict[str, Any]) -> str:
+    """One line: each tree's median decode ms/step, and the ratio raw and rate-adjusted.
+
+    The rate-adjusted ratio compares ``decode_ms * read rate`` (the bytes a step is worth at the
+    memory speed measured beside its run), which takes out the machine's memory-speed drift.
+    """
+
+    def adjusted(run: dict[str, Any]) -> float:
+        rates = run["read"][0]["gb_s"]
+        return float(run["decode_ms"] * sum(rates) / len(rates))
+
+    runs, median = result["runs"], result["median"]
+    rate_ratio = statistics.median(map(adjusted, runs["tree"])) / statistics.median(
+        map(adjusted, runs["baseline"])
+    )
+    cfg = result["config"]
+    return (
+        f"{cfg['system']} {cfg['shape']} b{cfg['batch']} p{cfg['prompt']}: baseline "
+        f"{result['baseline']} {median['baseline']['decode_ms']:.2f} ms/step, tree "
+        f"{result['tree']} {median['tree']['decode_ms']:.2f} ms/step; tree / baseline "
+        f"{result['tree_over_baseline_decode']:.3f} (adjusted for the read rate beside each run: "
+        f"{rate_ratio:.3f}); {len(runs['tree'])} rounds, medians; {result['cpu']}; "
+        f"{result['started']}"
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--baseline", required=True, help="git revision to compare the tree against")
+    p.add_argument("--baseline", help="git revision to compare the tree against")
+    p.add_argument("--report", type=Path, help="print the summary of a results file and stop")
     p.add_argument("--rounds", type=int, default=5, help="alternating rounds (5)")
     p.add_argument("--system", choices=("kvlens", "kvlens-real"), default="kvlens-real")
     p.add_argument("--shape", choices=sorted(SHAPES), default="smollm2-135m")
@@ -86,6 +113,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=RESULTS / "baseline.json")
     args = p.parse_args(argv)
+    if args.report is not None:
+        print(summary(json.loads(args.report.read_text())))
+        return
+    if args.baseline is None:
+        p.error("--baseline is required (or --report FILE)")
     spec = spec_for(args)
     runs: dict[str, list[dict[str, Any]]] = {"baseline": [], "tree": []}
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -126,13 +158,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
-    row = f"{args.system} {args.shape} b{args.batch} p{args.prompt}"
-    print(
-        f"{row}: baseline {args.baseline} {median['baseline']['decode_ms']:.2f} ms/step, "
-        f"tree {result['tree']} {median['tree']['decode_ms']:.2f} ms/step "
-        f"(tree / baseline {result['tree_over_baseline_decode']:.3f}); {args.rounds} rounds, "
-        f"medians; {result['cpu']}; {started}"
-    )
+    print(summary(result))
 
 
 if __name__ == "__main__":
