@@ -267,27 +267,40 @@ class GenerationMixin:
         seed: int | None = None,
         generator: torch.Generator | None = None,
     ) -> Iterator[Int[Tensor, " batch"]]:
-        """Yield the new token of every row, step by step (arguments as in :meth:`generate`)."""
+        """Yield the new token of every row, step by step (arguments as in :meth:`generate`).
+
+        If a step raises (an interrupt, a hook), ``past_kv_cache`` goes back to its state at the
+        first step. Closing the stream early keeps what was fed (``past_kv_cache.tokens`` says
+        what that is): the last token yielded is not in the cache yet.
+        """
         sampling = SamplingConfig(do_sample, temperature, top_k, top_p, freq_penalty)
         tokens, mask = self._generation_inputs(
             input, attention_mask, prepend_bos, padding_side, max_new_tokens, past_kv_cache
         )
         if generator is None and seed is not None:
             generator = torch.Generator(device=tokens.device).manual_seed(seed)
+        state = past_kv_cache.checkpoint() if isinstance(past_kv_cache, KeyValueCache) else None
         # No inference_mode around the loop: a generator would leak it to the caller between
         # yields. The model calls inside run under no_grad.
-        yield from generate_tokens(
-            self,  # type: ignore[arg-type]
-            tokens,
-            max_new_tokens,
-            sampling,
-            attention_mask=mask,
-            eos_token_ids=self._eos_ids(eos_token_id, stop_at_eos),
-            pad_token_id=pad_token_id(self.tokenizer) if self.tokenizer is not None else 0,
-            use_past_kv_cache=use_past_kv_cache,
-            past_kv_cache=past_kv_cache,
-            generator=generator,
-        )
+        try:
+            yield from generate_tokens(
+                self,  # type: ignore[arg-type]
+                tokens,
+                max_new_tokens,
+                sampling,
+                attention_mask=mask,
+                eos_token_ids=self._eos_ids(eos_token_id, stop_at_eos),
+                pad_token_id=pad_token_id(self.tokenizer) if self.tokenizer is not None else 0,
+                use_past_kv_cache=use_past_kv_cache,
+                past_kv_cache=past_kv_cache,
+                generator=generator,
+            )
+        except GeneratorExit:
+            raise  # closed by the consumer: the steps fed so far stay
+        except BaseException:
+            if past_kv_cache is not None and state is not None:
+                past_kv_cache.restore(state)
+            raise
 
     def generate(
         self,
@@ -362,43 +375,52 @@ class GenerationMixin:
         tokens, mask = self._generation_inputs(
             input, attention_mask, prepend_bos, padding_side, max_new_tokens, past_kv_cache
         )
-        if num_beams > 1 or draft_model is not None:
-            from kvlens.strategies import strategy_new_tokens
+        # All or nothing: a call that raises (an interrupt, a hook) leaves past_kv_cache as it
+        # was at the call, so that a retry equals a clean run.
+        state = past_kv_cache.checkpoint() if isinstance(past_kv_cache, KeyValueCache) else None
+        try:
+            if num_beams > 1 or draft_model is not None:
+                from kvlens.strategies import strategy_new_tokens
 
-            new = strategy_new_tokens(
-                self,  # type: ignore[arg-type]
-                tokens,
-                mask,
-                max_new_tokens,
-                do_sample,
-                self._eos_ids(eos_token_id, stop_at_eos),
-                past_kv_cache,
-                num_beams,
-                length_penalty,
-                early_stopping,
-                draft_model,
-                num_speculative_tokens,
-                speculative_stats,
-            )
-        else:
-            stream = self.generate_stream(
-                tokens,
-                max_new_tokens,
-                stop_at_eos,
-                eos_token_id,
-                do_sample,
-                top_k,
-                top_p,
-                temperature,
-                freq_penalty,
-                use_past_kv_cache,
-                attention_mask=mask,
-                past_kv_cache=past_kv_cache,
-                seed=seed,
-                generator=generator,
-            )
-            steps = list(tqdm(stream, total=max_new_tokens, disable=not verbose, desc="generate"))
-            new = torch.stack(steps, dim=1) if steps else tokens[:, :0]
+                new = strategy_new_tokens(
+                    self,  # type: ignore[arg-type]
+                    tokens,
+                    mask,
+                    max_new_tokens,
+                    do_sample,
+                    self._eos_ids(eos_token_id, stop_at_eos),
+                    past_kv_cache,
+                    num_beams,
+                    length_penalty,
+                    early_stopping,
+                    draft_model,
+                    num_speculative_tokens,
+                    speculative_stats,
+                )
+            else:
+                stream = self.generate_stream(
+                    tokens,
+                    max_new_tokens,
+                    stop_at_eos,
+                    eos_token_id,
+                    do_sample,
+                    top_k,
+                    top_p,
+                    temperature,
+                    freq_penalty,
+                    use_past_kv_cache,
+                    attention_mask=mask,
+                    past_kv_cache=past_kv_cache,
+                    seed=seed,
+                    generator=generator,
+                )
+                progress = tqdm(stream, total=max_new_tokens, disable=not verbose, desc="generate")
+                steps = list(progress)
+                new = torch.stack(steps, dim=1) if steps else tokens[:, :0]
+        except BaseException:
+            if past_kv_cache is not None and state is not None:
+                past_kv_cache.restore(state)
+            raise
         out = torch.cat([tokens, new], dim=1)
         if return_type == "input":
             return_type = "str" if isinstance(input, (str, list, tuple)) else "tokens"

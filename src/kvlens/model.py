@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
@@ -11,6 +12,7 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from kvlens.cache.cache import KeyValueCache
+from kvlens.cache.entry import KeyValueCacheEntry
 from kvlens.cache.shared import SharedPrefixCache, share_frozen_prefix
 from kvlens.components.attention_context import AttentionContext, build_attention_context
 from kvlens.components.block import TransformerBlock
@@ -97,6 +99,7 @@ class HookedTransformer(TokenizerMixin, GenerationMixin, HookedRootModule):
     ) -> None:
         super().__init__()
         self.cfg = cfg
+        self._fingerprint: str | None = None  # of the weights, see weights_fingerprint()
         self.set_tokenizer(tokenizer, default_padding_side)
         with torch.device(get_device_for_block_index(0, cfg)):
             self.embed = Embed(cfg)
@@ -137,6 +140,7 @@ class HookedTransformer(TokenizerMixin, GenerationMixin, HookedRootModule):
         from its new first device.
         """
         super()._apply(fn, recurse)
+        self._fingerprint = None
         weight = self.embed.W_E  # a float parameter on block 0's device
         changes: dict[str, Any] = {}
         if weight.dtype != self.cfg.dtype:
@@ -149,6 +153,36 @@ class HookedTransformer(TokenizerMixin, GenerationMixin, HookedRootModule):
         if moved and self.cfg.n_devices > 1:
             self._place_on_devices()
         return self
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """``nn.Module.load_state_dict``; the weights' fingerprint is computed anew after it."""
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        self._fingerprint = None
+        return result
+
+    def weights_fingerprint(self) -> str:
+        """A short hash of the weights, identifying this model to the caches it fills.
+
+        Computed once (and again after ``load_state_dict`` or a move or cast): a hash of every
+        parameter's name, shape and 64 values sampled evenly through it. A cache records the
+        fingerprint of the model that filled it, and ``forward`` and ``KeyValueCache.load``
+        refuse a cache filled by another model. Editing weights in place afterwards (an
+        ablation, say) does not change it: the model is still the one its caches came from.
+        """
+        if self._fingerprint is None:
+            digest = hashlib.sha256()
+            with torch.no_grad():
+                for name, param in self.named_parameters():
+                    digest.update(f"{name}{tuple(param.shape)}{param.dtype}".encode())
+                    if param.is_meta or param.numel() == 0:
+                        continue
+                    flat = param.detach().reshape(-1)
+                    n, k = flat.numel(), min(64, flat.numel())
+                    picks = torch.arange(k, dtype=torch.long) * (n - 1) // max(k - 1, 1)
+                    sample = flat[picks.to(flat.device)]
+                    digest.update(sample.to("cpu", torch.float64).numpy().tobytes())
+            self._fingerprint = digest.hexdigest()[:16]
+        return self._fingerprint
 
     def init_weights(self) -> None:
         """Draw every weight matrix (``W_*``) from ``N(0, 0.02)`` (GPT-2's initialisation)."""
@@ -309,17 +343,48 @@ class HookedTransformer(TokenizerMixin, GenerationMixin, HookedRootModule):
             residual = self._check_residual(input)
             batch, n_new = residual.shape[0], residual.shape[1]
         past_kv_cache = share_frozen_prefix(past_kv_cache, batch)
-        prep = self._prepare(
-            tokens if start_at_layer is None else None,
-            batch,
-            n_new,
-            attention_mask,
-            past_kv_cache,
-            first_layer=min(layers.start, self.cfg.n_layers - 1),
-        )
-        if start_at_layer is None:
-            assert tokens is not None
-            residual = self._embed(tokens, prep)
+        first_layer = min(layers.start, self.cfg.n_layers - 1)
+        if past_kv_cache is not None:
+            self._check_cache(past_kv_cache, batch, first_layer)
+        # All or nothing: if anything raises from here on (a hook, a kernel, an interrupt), the
+        # cache goes back to this state, so a retry equals a clean run.
+        owner = past_kv_cache.suffix if isinstance(past_kv_cache, SharedPrefixCache) else None
+        owner = past_kv_cache if isinstance(past_kv_cache, KeyValueCache) else owner
+        state = owner.checkpoint() if owner is not None else None
+        try:
+            prep = self._prepare(
+                tokens if start_at_layer is None else None,
+                batch,
+                n_new,
+                attention_mask,
+                past_kv_cache,
+                first_layer,
+            )
+            if start_at_layer is None:
+                assert tokens is not None
+                residual = self._embed(tokens, prep)
+            residual = self._run_blocks(residual, prep, layers, past_kv_cache)
+            if stop_at_layer is None:
+                out = self._output(residual, return_type, tokens, prep.loss_mask, loss_per_token)
+            if owner is not None:
+                owner.commit_attention_mask()
+                if first_layer == 0:
+                    owner.record_tokens(tokens if start_at_layer is None else None)
+                owner.weights_fingerprint = self.weights_fingerprint()
+        except BaseException:
+            if owner is not None and state is not None:
+                owner.restore(state)
+            raise
+        return residual if stop_at_layer is not None else out
+
+    def _run_blocks(
+        self,
+        residual: Float[Tensor, "batch pos d_model"],
+        prep: _Prepared,
+        layers: range,
+        cache: KeyValueCache | SharedPrefixCache | None,
+    ) -> Float[Tensor, "batch pos d_model"]:
+        """Run ``layers`` on the residual stream, each block with its entry of ``cache``."""
         for i in layers:
             if self.cfg.n_devices > 1:
                 device = get_device_for_block_index(i, self.cfg)
@@ -327,11 +392,9 @@ class HookedTransformer(TokenizerMixin, GenerationMixin, HookedRootModule):
                     residual.to(device),
                     _Prepared(prep.ctx.to(device), prep.positions, prep.pad_mask, prep.loss_mask),
                 )
-            entry = past_kv_cache[i] if past_kv_cache is not None else None
+            entry = cache[i] if cache is not None else None
             residual = self.blocks[i](residual, prep.ctx, entry)
-        if stop_at_layer is not None:
-            return residual
-        return self._output(residual, return_type, tokens, prep.loss_mask, loss_per_token)
+        return residual
 
     def prefill(
         self,
@@ -413,8 +476,6 @@ class HookedTransformer(TokenizerMixin, GenerationMixin, HookedRootModule):
             )
             return _Prepared(*shared)
         device = self.position_ids.device
-        if cache is not None:
-            self._check_cache_placement(cache, first_layer)
         new_mask = self._check_attention_mask(
             attention_mask, batch, n_new, device, ones_if_none=cache is not None
         )
@@ -441,28 +502,38 @@ class HookedTransformer(TokenizerMixin, GenerationMixin, HookedRootModule):
         loss_mask = new_mask if attention_mask is not None else None
         return _Prepared(ctx, positions, pad_mask, loss_mask)
 
-    def _check_cache_placement(self, cache: KeyValueCache, first_layer: int) -> None:
-        """Raise before anything is written unless each layer's entry matches its block's weights.
+    def _check_cache(
+        self, cache: KeyValueCache | SharedPrefixCache, batch: int, first_layer: int
+    ) -> None:
+        """Raise before anything is written unless ``cache`` can take this pass.
 
-        A cache built for another dtype or device (e.g. before ``model.double()`` or
-        ``model.to(device)``) is refused with both named.
+        Checks the weights' fingerprint (a cache filled by another model is refused), and for
+        every layer from ``first_layer`` on: one length for all of them, the batch size, key and
+        value heads, ``d_head``, dtype and device of its entry against its block.
         """
         if len(cache) != self.cfg.n_layers:
-            return  # _full_mask reports the layer count
-        for i in range(first_layer, self.cfg.n_layers):
-            entry, weight = cache[i], self.blocks[i].attn.W_QKV
-            if entry.dtype != weight.dtype:
-                raise TypeError(
-                    f"past_kv_cache's layer {i} stores {entry.dtype}, this model's layer {i} "
-                    f"computes in {weight.dtype}; build the cache from model.cfg "
-                    "(KeyValueCache.init_cache(model.cfg, ...)) after moving the model"
-                )
-            if entry.device != weight.device:
+            raise ValueError(
+                f"past_kv_cache has {len(cache)} layers, this model has {self.cfg.n_layers}"
+            )
+        if isinstance(cache, SharedPrefixCache):
+            cache.check_prefix()
+            if cache.batch_size != batch:
                 raise ValueError(
-                    f"past_kv_cache's layer {i} is on {entry.device}, this model's layer {i} is "
-                    f"on {weight.device}; build the cache from model.cfg "
-                    "(KeyValueCache.init_cache(model.cfg, ...)) after moving the model"
+                    f"past_kv_cache is shared by {cache.batch_size} rows, the input has {batch}"
                 )
+        own = self.weights_fingerprint()
+        filled = [cache.prefix, cache.suffix] if isinstance(cache, SharedPrefixCache) else [cache]
+        for part in filled:
+            if part.weights_fingerprint not in (None, own):
+                raise ValueError(
+                    "past_kv_cache was filled by another model: its keys and values come from "
+                    f"weights with fingerprint {part.weights_fingerprint}, this model's are "
+                    f"{own}; prefill a new cache with this model"
+                )
+        plain = cache.suffix if isinstance(cache, SharedPrefixCache) else cache
+        length = plain[first_layer].length
+        for i in range(first_layer, self.cfg.n_layers):
+            _check_entry(i, plain[i], self.blocks[i].attn, batch, length)
 
     def _full_mask(
         self,
@@ -483,7 +554,8 @@ class HookedTransformer(TokenizerMixin, GenerationMixin, HookedRootModule):
         offset = cache[first_layer].length
         stored = cache.previous_attention_mask.shape[1]
         if stored == offset:
-            return cache.append_attention_mask(new_mask), offset
+            # Staged: the stored length advances when the whole pass has run (forward commits).
+            return cache.append_attention_mask(new_mask, commit=False), offset
         if first_layer > 0 and stored == offset + n_new:
             # The blocks before first_layer already ran on these tokens with this cache (a
             # stop_at_layer pass) and extended its mask: reuse it unless a mask is given now.
@@ -525,7 +597,9 @@ class HookedTransformer(TokenizerMixin, GenerationMixin, HookedRootModule):
             input = input.unsqueeze(0)
         if input.ndim != 2 or input.shape[1] == 0:
             raise ValueError(f"input must be [batch, pos] with pos >= 1, got {tuple(input.shape)}")
-        return input.to(self.embed.W_E.device)
+        # Ids of any integer dtype (uint8, int16, ...) as int64: a range check in a narrow dtype
+        # would wrap (d_vocab=49152 does not fit int16).
+        return input.to(self.embed.W_E.device, torch.long)
 
     def _check_residual(self, input: Any) -> Float[Tensor, "batch pos d_model"]:
         if not isinstance(input, Tensor) or not input.is_floating_point():
@@ -566,3 +640,33 @@ class HookedTransformer(TokenizerMixin, GenerationMixin, HookedRootModule):
 def _same_device(a: torch.device, b: torch.device) -> bool:
     """Whether two devices are one, reading a missing index as 0 (``"cuda"`` is ``"cuda:0"``)."""
     return a.type == b.type and (a.index or 0) == (b.index or 0)
+
+
+def _check_entry(layer: int, entry: KeyValueCacheEntry, attn: Any, batch: int, length: int) -> None:
+    """Raise unless ``entry`` fits layer ``layer``'s attention ``attn`` for ``batch`` rows."""
+    weight = attn.W_QKV
+    where = f"past_kv_cache's layer {layer}"
+    if entry.length != length:
+        raise ValueError(
+            f"{where} holds {entry.length} positions, its first layer {length}: its layers were "
+            "extended unevenly (reset() or crop() it to a common length)"
+        )
+    if entry.batch_size != batch:
+        raise ValueError(f"{where} has batch size {entry.batch_size}, the input has {batch}")
+    if (entry.n_kv_heads, entry.d_head) != (attn.n_kv_heads, attn.d_head):
+        raise ValueError(
+            f"{where} stores {entry.n_kv_heads} key/value heads of d_head {entry.d_head}, this "
+            f"model's layer {layer} has {attn.n_kv_heads} of d_head {attn.d_head}"
+        )
+    if entry.dtype != weight.dtype:
+        raise TypeError(
+            f"{where} stores {entry.dtype}, this model's layer {layer} computes in "
+            f"{weight.dtype}; build the cache from model.cfg (KeyValueCache.init_cache(model.cfg, "
+            "...)) after moving the model"
+        )
+    if entry.device != weight.device:
+        raise ValueError(
+            f"{where} is on {entry.device}, this model's layer {layer} is on {weight.device}; "
+            "build the cache from model.cfg (KeyValueCache.init_cache(model.cfg, ...)) after "
+            "moving the model"
+        )

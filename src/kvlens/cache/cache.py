@@ -4,17 +4,26 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from kvlens.cache.entry import KeyValueCacheEntry, _grown_capacity
+from kvlens.cache.entry import EntryCheckpoint, KeyValueCacheEntry, _grown_capacity
 from kvlens.config import ModelConfig
 from kvlens.devices import get_device_for_block_index
 
 MASK_DTYPE = torch.int
+
+
+class CacheCheckpoint(NamedTuple):
+    """A cache's state to go back to (see :meth:`KeyValueCache.checkpoint`)."""
+
+    entries: list[EntryCheckpoint]
+    mask_length: int
+    tokens: Tensor | None
+    weights_fingerprint: str | None
 
 
 class KeyValueCache:
@@ -58,6 +67,9 @@ class KeyValueCache:
         # fingerprint) and the tokens it holds, [batch, seq_len], when known (set by prefill).
         self.cfg: ModelConfig | None = None
         self.tokens: Int[Tensor, "batch pos_so_far"] | None = None
+        # A fingerprint of the weights of the model that filled it (HookedTransformer.
+        # weights_fingerprint), set by its first forward pass; another model's is refused.
+        self.weights_fingerprint: str | None = None
         device = entries[0].device
         if previous_attention_mask is None:
             previous_attention_mask = torch.ones(
@@ -68,6 +80,7 @@ class KeyValueCache:
         capacity = max(pos, entries[0].capacity)
         self._mask = _new_mask_storage(previous_attention_mask, capacity, device)
         self._mask_length = pos
+        self._staged_mask_length: int | None = None  # see append_attention_mask(commit=False)
 
     @classmethod
     def init_cache(
@@ -138,13 +151,19 @@ class KeyValueCache:
         return self
 
     def append_attention_mask(
-        self, attention_mask: Int[Tensor, "batch new_tokens"]
+        self, attention_mask: Int[Tensor, "batch new_tokens"], *, commit: bool = True
     ) -> Int[Tensor, "batch pos_so_far_plus_new"]:
         """Write the new tokens' mask after the stored one and return the full mask.
 
         The mask is moved to the cache's device and stored as int32; the stored length advances
         unless the cache is frozen. A mask of the wrong rank or batch size raises before anything
         is written.
+
+        Args:
+            attention_mask: The new tokens' mask, ``[batch, new_tokens]``.
+            commit: ``False`` writes the mask in the spare storage but leaves the stored length
+                as it is until :meth:`commit_attention_mask`: a forward pass commits it only
+                once every layer has run, so a pass that fails leaves the mask as it was.
         """
         self._check_mask(attention_mask, "attention_mask")
         start = self._mask_length
@@ -152,9 +171,67 @@ class KeyValueCache:
         if end > self._mask.shape[1]:
             self._reserve_mask(end)
         self._mask.narrow(1, start, end - start).copy_(attention_mask)
-        if not self.frozen:
-            self._mask_length = end
+        if commit:
+            self._staged_mask_length = None
+            if not self.frozen:
+                self._mask_length = end
+        else:
+            self._staged_mask_length = end
         return self._mask.narrow(1, 0, end)
+
+    def commit_attention_mask(self) -> None:
+        """Advance the stored mask over what ``append_attention_mask(commit=False)`` wrote."""
+        if self._staged_mask_length is not None and not self.frozen:
+            self._mask_length = self._staged_mask_length
+        self._staged_mask_length = None
+
+    def record_tokens(self, new_tokens: Int[Tensor, "batch new_tokens"] | None) -> None:
+        """Keep :attr:`tokens` true after positions were appended (unless frozen).
+
+        ``new_tokens`` are the appended positions' token ids, or ``None`` when they are not
+        known (a residual stream was fed): the record is then dropped, never left stale. A
+        cache that was empty starts a record.
+        """
+        if self.frozen:
+            return
+        held = self.entries[0].length
+        if new_tokens is None:
+            self.tokens = None
+        elif self.tokens is not None:
+            self.tokens = torch.cat((self.tokens, new_tokens.to(self.tokens.device)), dim=1)
+        elif held == new_tokens.shape[1]:
+            self.tokens = new_tokens.to(self.device)
+        if self.tokens is not None and self.tokens.shape[1] != held:
+            self.tokens = None  # the record no longer matches what the layers hold
+
+    # All-or-nothing forward passes -----------------------------------------------------------
+
+    def checkpoint(self) -> CacheCheckpoint:
+        """What :meth:`restore` needs to undo what later appends do: lengths, graphs, tokens.
+
+        Cheap (no tensor is copied): a forward pass takes one on entry and restores it if
+        anything raises, so a failed pass (a hook raising, an interrupt, a kernel error) leaves
+        every layer, the mask and the token record as they were and a retry equals a clean run.
+        """
+        return CacheCheckpoint(
+            [entry.checkpoint() for entry in self.entries],
+            self._mask_length,
+            self.tokens,
+            self.weights_fingerprint,
+        )
+
+    def restore(self, state: CacheCheckpoint) -> None:
+        """Go back to ``state`` (a :meth:`checkpoint` of this cache, with no ``select`` since)."""
+        if len(state.entries) != len(self.entries):
+            raise ValueError(
+                f"the checkpoint has {len(state.entries)} layers, this cache {len(self.entries)}"
+            )
+        for entry, entry_state in zip(self.entries, state.entries, strict=True):
+            entry.restore(entry_state)
+        self._mask_length = state.mask_length
+        self._staged_mask_length = None
+        self.tokens = state.tokens
+        self.weights_fingerprint = state.weights_fingerprint
 
     def __getitem__(self, idx: int) -> KeyValueCacheEntry:
         return self.entries[idx]

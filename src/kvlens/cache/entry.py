@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from jaxtyping import Float
 from torch import Tensor
@@ -15,6 +17,14 @@ MIN_CAPACITY = 16
 def _grown_capacity(capacity: int, needed: int) -> int:
     """Geometric growth: at least double, so that appending n tokens costs O(n) amortized."""
     return max(needed, 2 * capacity, MIN_CAPACITY)
+
+
+class EntryCheckpoint(NamedTuple):
+    """An entry's state to go back to (see :meth:`KeyValueCacheEntry.checkpoint`)."""
+
+    length: int
+    graph_keys: Tensor | None
+    graph_values: Tensor | None
 
 
 class KeyValueCacheEntry:
@@ -346,6 +356,22 @@ class KeyValueCacheEntry:
             _new_storage(values.transpose(1, 2), *dims, length),
         )
         self._batch = indices.numel()
+
+    def checkpoint(self) -> EntryCheckpoint:
+        """What :meth:`restore` needs to undo later appends: the length and the graph kept.
+
+        Cheap (a few references): forward passes take one per layer so that a pass that fails
+        midway leaves the entry as it found it.
+        """
+        return EntryCheckpoint(self._length, self._graph_keys, self._graph_values)
+
+    def restore(self, state: EntryCheckpoint) -> None:
+        """Go back to ``state`` (taken by :meth:`checkpoint` on this entry since its last
+        ``select``): positions appended since are forgotten, those before it are untouched."""
+        if not 0 <= state.length <= self._capacity:
+            raise ValueError(f"checkpoint length {state.length} is outside this entry's storage")
+        self._length = state.length
+        self._graph_keys, self._graph_values = state.graph_keys, state.graph_values
 
     def freeze(self) -> None:
         """Appends stop advancing the committed length."""

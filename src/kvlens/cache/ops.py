@@ -74,6 +74,7 @@ def reset(cache: KeyValueCache) -> None:
         entry.crop(0)
     cache._mask_length = 0
     cache.tokens = None
+    cache.weights_fingerprint = None  # an empty cache may serve any model
 
 
 # Copies -----------------------------------------------------------------------------------------
@@ -92,6 +93,7 @@ def clone(cache: KeyValueCache) -> KeyValueCache:
     entries = [clone_entry(entry) for entry in cache.entries]
     copy = type(cache)(entries, cache.previous_attention_mask, frozen=cache.frozen)
     copy.cfg = cache.cfg
+    copy.weights_fingerprint = cache.weights_fingerprint
     copy.tokens = None if cache.tokens is None else cache.tokens.clone()
     return copy
 
