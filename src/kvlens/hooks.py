@@ -3,6 +3,10 @@
 :class:`HookedRootModule` finds hook points by name, attaches hooks at context levels so that
 nested ``hooks()`` blocks detach only their own, and records activations and gradients for
 ``run_with_cache`` (with ``incl_bwd``, ``remove_batch_dim`` and ``pos_slice``).
+
+Hooks are state of the model object, as in TransformerLens: every thread that runs a model runs
+the hooks attached to it, whichever thread attached them. To hook independently, give each thread
+its own model (``copy.deepcopy(model)``, made outside any ``hooks()`` block).
 """
 
 from __future__ import annotations
@@ -61,6 +65,14 @@ class HookedRootModule(nn.Module):
     """Base of models with hook points: finds them by name and runs with hooks or a cache.
 
     Subclasses build their modules, then call :meth:`setup` once to name every hook point.
+
+    Hooks belong to the model object, not to a thread or a call: while a :meth:`hooks` block
+    (or ``run_with_hooks``, ``run_with_cache``, ``add_hook``) has hooks attached, every forward
+    pass of this model, in any thread, runs them, and a generation in another thread produces
+    different text. Use one model per thread, or ``copy.deepcopy(model)`` (a copy carries the
+    hooks attached when it is made, so make it outside any ``hooks()`` block), to hook
+    independently. Context levels are one counter per model, so ``hooks()`` blocks opened by
+    several threads on one model at once may detach each other's hooks.
 
     Attributes:
         hook_dict: Every hook point by name.
@@ -177,6 +189,12 @@ class HookedRootModule(nn.Module):
 
         Hooks attached inside the block by other means (``add_hook``, a nested block that keeps
         its hooks) are not this level's and stay.
+
+        The hooks are attached to the model, not to the calling thread: while the block is open,
+        every thread's runs of this model (forward passes, ``generate``, chat) run them. Open
+        blocks on a model of each thread's own (``copy.deepcopy(model)``, made outside the block)
+        to hook independently; blocks opened by several threads on one model must still close
+        in the reverse order of opening, as nested blocks do.
 
         Args:
             fwd_hooks: Pairs ``(name or filter, hook)`` for the forward pass.
