@@ -1,9 +1,15 @@
-"""The ``kvlens`` command: ``generate``, ``chat`` and ``info``."""
+"""The ``kvlens`` command: ``generate``, ``chat`` and ``info``.
+
+Exit status: 0 on success, also when the reader of the output goes away (``kvlens ... | head``);
+2 with one line on stderr for bad input or a failed read or write (naming the file); 130 on
+Ctrl-C.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -74,9 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _check_sampling(args: argparse.Namespace) -> None:
-    if args.max_new_tokens < 0:
-        raise CLIError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+def _check_sampling(args: argparse.Namespace, least_new_tokens: int = 0) -> None:
+    """Refuse sampling options out of range; ``least_new_tokens`` is 1 where 0 means nothing."""
+    if args.max_new_tokens < least_new_tokens:
+        raise CLIError(
+            f"--max-new-tokens must be >= {least_new_tokens}"
+            f"{' in chat' if least_new_tokens else ''}, got {args.max_new_tokens}"
+        )
     if args.temperature < 0:
         raise CLIError(f"--temperature must be >= 0, got {args.temperature}")
     if args.top_p is not None and not 0 < args.top_p <= 1:
@@ -106,9 +116,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
         prompt = model.tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=True
         )
-    else:
-        sys.stdout.write(prompt)
     prompt_tokens, past_kv_cache = _cached_prompt(model, prompt, args)
+    if not args.chat:  # echoed once the cache is read and saved: a failure leaves stdout empty
+        sys.stdout.write(prompt)
     stream = model.generate_stream(
         prompt_tokens,
         max_new_tokens=args.max_new_tokens,
@@ -161,7 +171,7 @@ def _extend(model: HookedTransformer, cache: KeyValueCache, tokens: Any) -> KeyV
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
-    _check_sampling(args)
+    _check_sampling(args, least_new_tokens=1)  # an answer of 0 tokens is no chat
     from kvlens.chat import ChatSession
     from kvlens.sampling import SamplingConfig
 
@@ -225,13 +235,40 @@ def cmd_info(args: argparse.Namespace) -> None:
 COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info}
 
 
+def _describe(error: OSError) -> str:
+    """One line for an I/O error, naming its file once."""
+    text = error.strerror or str(error)
+    if error.filename is not None and str(error.filename) not in text:
+        text = f"{text}: {error.filename}"
+    return text
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's last flush into a closed pipe is quiet."""
+    try:
+        fileno = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # not a real file (io.UnsupportedOperation)
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fileno)
+    os.close(devnull)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``kvlens`` command; returns the exit status."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="kvlens: %(message)s")
     try:
         COMMANDS[args.command](args)
-    except (CLIError, ValueError, FileNotFoundError, ImportError) as e:
+        sys.stdout.flush()  # here, where a closed pipe is caught, not at the interpreter's exit
+    except BrokenPipeError:
+        # The reader closed the pipe (`| head`): it has all it wanted; end quietly.
+        _silence_stdout()
+        return 0
+    except OSError as e:
+        print(f"kvlens: error: {_describe(e)}", file=sys.stderr)
+        return 2
+    except (CLIError, ValueError, ImportError) as e:
         print(f"kvlens: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

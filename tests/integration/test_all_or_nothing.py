@@ -243,7 +243,7 @@ def test_an_out_of_range_id_in_a_narrow_dtype_gets_a_true_message() -> None:
 
 @torch.no_grad()
 def test_another_models_cache_is_refused_and_a_copy_is_accepted() -> None:
-    model = model_pair("llama")[1]
+    model = copy.deepcopy(model_pair("llama")[1])  # its weights are replaced below
     other = HookedTransformer(model.cfg)  # same shapes, other weights
     tokens = tokens_for(8, 1, 6)
     cache = prefilled(model, tokens[:, :5])
@@ -298,3 +298,18 @@ def test_entries_built_by_hand_are_still_accepted() -> None:
     with torch.no_grad():
         model(torch.tensor([[1, 2]]), past_kv_cache=cache)
     assert cache.seq_len == 2 and cache.weights_fingerprint == model.weights_fingerprint()
+
+
+@torch.no_grad()
+def test_a_saved_cache_keeps_its_fingerprint_and_another_model_cannot_load_it(tmp_path) -> None:
+    model = model_pair("llama")[1]
+    other = HookedTransformer(model.cfg)
+    cache = prefilled(model, tokens_for(10, 1, 5))
+    cache.save(tmp_path / "c.kv")
+    loaded = KeyValueCache.load(tmp_path / "c.kv", model)
+    assert loaded.weights_fingerprint == model.weights_fingerprint()
+    with pytest.raises(ValueError, match="filled by another model"):
+        KeyValueCache.load(tmp_path / "c.kv", other)
+    by_config = KeyValueCache.load(tmp_path / "c.kv", model.cfg)  # architecture only
+    with pytest.raises(ValueError, match="filled by another model"):
+        other(torch.tensor([[1]]), past_kv_cache=by_config)

@@ -1,6 +1,10 @@
 """The kvlens command: generate, chat and info on a tiny checkpoint folder; clear errors."""
 
 import io
+import os
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -159,3 +163,92 @@ def test_gguf_of_an_unsupported_architecture_is_refused(tmp_path, capsys):
     code, _, err = run(["info", "--model", str(path), "--quiet"], capsys)
     assert code == 2
     assert "bert" in err and len(err.strip().splitlines()) == 1
+
+
+def test_chat_refuses_zero_new_tokens_as_such(tiny_folder, capsys, monkeypatch):
+    code, out, err = run(
+        ["chat", "--model", str(tiny_folder), "--max-new-tokens", "0", "--quiet"],
+        capsys,
+        stdin="hello\n",
+        monkeypatch=monkeypatch,
+    )
+    assert code == 2 and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert "--max-new-tokens must be >= 1" in lines[0] and "context" not in lines[0]
+
+
+class ClosedPipe(io.StringIO):
+    """A stdout whose reader has gone away."""
+
+    def write(self, text):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    def flush(self):
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+@pytest.mark.parametrize("command", ["generate", "info"])
+def test_a_closed_stdout_ends_quietly_in_process(tiny_folder, capsys, monkeypatch, command):
+    argv = [command, "--model", str(tiny_folder), "--quiet"]
+    if command == "generate":
+        argv += ["Hello", "--max-new-tokens", "3"]
+    monkeypatch.setattr("sys.stdout", ClosedPipe())
+    assert main(argv) == 0
+    assert capsys.readouterr().err == ""
+
+
+def kvlens_process(argv, stdout, **env):
+    """Start ``python -m kvlens.cli argv`` without native kernels (no compile in these tests)."""
+    environment = {**os.environ, "KVLENS_NATIVE": "0", **env}
+    return subprocess.Popen(
+        [sys.executable, "-m", "kvlens.cli", *argv],
+        stdin=subprocess.DEVNULL,
+        stdout=stdout,
+        stderr=subprocess.PIPE,
+        env=environment,
+    )
+
+
+@pytest.mark.parametrize("command", ["generate", "info"])
+def test_a_closed_pipe_ends_quietly_with_status_0(tiny_folder, command):
+    """``kvlens ... | head -c 0``: the reader is gone before the first write."""
+    argv = [command, "--model", str(tiny_folder), "--quiet"]
+    if command == "generate":
+        argv += ["Hello", "--max-new-tokens", "50"]
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # every write now fails with EPIPE, as after `head` exits
+    try:
+        process = kvlens_process(argv, write_end)
+    finally:
+        os.close(write_end)
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err.decode()
+    assert err.decode() == ""  # no traceback, no "Exception ignored" at the interpreter's exit
+
+
+@pytest.mark.skipif(
+    not (os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")), reason="no compiler"
+)
+def test_info_survives_a_truncated_kernel_library(tiny_folder, tmp_path):
+    """A truncated library in the kernel cache killed every run with SIGBUS; now it is rebuilt."""
+    from kvlens.kernels import build
+
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    assert compiler is not None
+    built = build.build(compiler)  # the machine's cached build (compiled if need be)
+    kernels = tmp_path / "kernels"
+    kernels.mkdir(mode=0o700)
+    library = kernels / built.name
+    library.write_bytes(built.read_bytes()[: built.stat().st_size // 2])
+    process = kvlens_process(
+        ["info", "--model", str(tiny_folder), "--quiet"],
+        subprocess.PIPE,
+        KVLENS_NATIVE="1",
+        KVLENS_CACHE_DIR=str(tmp_path),
+        CC=compiler,
+    )
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err.decode()  # -7 was SIGBUS
+    assert "native decode kernels: yes" in out.decode()
+    assert "rebuilding it" in err.decode()

@@ -14,14 +14,17 @@ processes (``kvlens generate "question" --cache FILE``).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import re
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -46,6 +49,11 @@ def save_cache(
         path: Where to write.
         cfg: The config of the model that filled the cache; default ``cache.cfg`` (set by
             ``KeyValueCache.init_cache``).
+
+    Raises:
+        ValueError: The cache is inconsistent or there is no config.
+        OSError: Writing failed (no folder, no permission, disk full, ``path`` a directory...);
+            the message names ``path``, and any file already there is left as it was.
     """
     cfg = cfg if cfg is not None else cache.cfg
     if cfg is None:
@@ -75,17 +83,65 @@ def save_cache(
         "dtype": str(cfg.dtype).removeprefix("torch."),
         "frozen": "1" if cache.frozen else "0",
     }
+    if cache.weights_fingerprint is not None:
+        metadata["weights_fingerprint"] = cache.weights_fingerprint
     metadata[_CHECKSUM] = _checksum(metadata, tensors)
-    path = Path(path)
-    # Write next to the target, then rename: a reader never sees a half-written file.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    _write_atomically(tensors, metadata, Path(path))
+
+
+def _write_atomically(tensors: dict[str, Tensor], metadata: dict[str, str], path: Path) -> None:
+    """Write a temporary file beside ``path``, flush it to disk, rename it to ``path``.
+
+    A reader never sees a half-written file, and a failure leaves the old file (if any) and no
+    temporary file. Errors name ``path``, not the temporary file.
+    """
+    _check_target(path)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
         save_file(tensors, tmp, metadata=metadata)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # a full disk may only show here; and a crash must not leave a short file
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, (OSError, SafetensorError)):  # safetensors' own error for I/O too
+            raise _save_error(path, e) from e
         raise
+
+
+def _check_target(path: Path) -> None:
+    """Refuse a target that a rename would wrongly replace, or whose folder is missing."""
+    where = f"cannot save the cache to {path}"
+    if not path.parent.is_dir():
+        raise FileNotFoundError(errno.ENOENT, f"{where}: its folder {path.parent} does not exist")
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise _save_error(path, e) from e
+    if stat.S_ISDIR(mode):
+        raise IsADirectoryError(errno.EISDIR, f"{where}: it is a directory")
+    if not stat.S_ISREG(mode):
+        raise OSError(f"{where}: it is not a regular file (a device or a pipe?)")
+
+
+def _save_error(path: Path, error: Exception) -> OSError:
+    """An ``OSError`` of ``error``'s kind (``PermissionError``...) whose message names ``path``."""
+    code = getattr(error, "errno", None)
+    reason = getattr(error, "strerror", None) or str(error)
+    if code is None:  # safetensors reports an I/O error as "... (os error 28)"
+        found = re.search(r"os error (\d+)", str(error))
+        code = int(found.group(1)) if found else None
+        reason = os.strerror(code) if code is not None else reason
+    message = f"cannot save the cache to {path}: {reason}"
+    return OSError(message) if code is None else OSError(code, message)
 
 
 def load_cache(
@@ -95,13 +151,16 @@ def load_cache(
 
     Args:
         path: The file.
-        model_or_cfg: The model that will continue the cache, or its ``ModelConfig``.
+        model_or_cfg: The model that will continue the cache, or its ``ModelConfig``. Given a
+            model, a cache filled by a model with other weights is refused (the weights'
+            fingerprint is saved with the cache); a config checks the architecture only.
         device: Where the cache goes (each layer on its block's device); default the config's.
 
     Raises:
         ValueError: The file is not a kvlens cache, has another format version, was made by
             another model, or is truncated or altered (its checksum does not match).
         FileNotFoundError: There is no file at ``path``.
+        OSError: The file cannot be read (e.g. no permission).
     """
     cfg = model_or_cfg
     if not isinstance(cfg, ModelConfig):
@@ -111,6 +170,10 @@ def load_cache(
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no cache file at {path}")
+    try:
+        os.close(os.open(path, os.O_RDONLY))
+    except OSError as e:  # e.g. no permission to read it: say so, not "damaged"
+        raise OSError(e.errno, f"cannot read the cache {path}: {e.strerror}") from e
     metadata = _read_metadata(path)
     _check_metadata(metadata, cfg, path)
     try:
@@ -119,7 +182,22 @@ def load_cache(
         raise ValueError(f"{path} is truncated or damaged: safetensors cannot read it ({e})") from e
     if _checksum(metadata, tensors) != metadata.get(_CHECKSUM):
         raise ValueError(f"{path} is altered or damaged: its checksum does not match its contents")
+    _check_weights(metadata, model_or_cfg, path)
     return _build(tensors, metadata, cfg, device, path)
+
+
+def _check_weights(metadata: dict[str, str], model_or_cfg: Any, path: Path) -> None:
+    """Refuse a cache filled by a model with other weights (checked when a model is given)."""
+    saved = metadata.get("weights_fingerprint")
+    fingerprint = getattr(model_or_cfg, "weights_fingerprint", None)
+    if saved is None or not callable(fingerprint):
+        return
+    own = fingerprint()
+    if saved != own:
+        raise ValueError(
+            f"{path} was filled by another model: its keys and values come from weights with "
+            f"fingerprint {saved}, this model's are {own}; prefill a new cache with this model"
+        )
 
 
 def _read_metadata(path: Path) -> dict[str, str]:
@@ -197,6 +275,7 @@ def _build(
     if metadata.get("frozen") == "1":
         cache.freeze()
     cache.cfg = cfg
+    cache.weights_fingerprint = metadata.get("weights_fingerprint")
     tokens = tensors.get("tokens")
     if tokens is not None:
         if tuple(tokens.shape) != (batch, seq_len):

@@ -1,27 +1,42 @@
-"""Compiling and loading kvlens's C kernels: once per machine, cached, never required.
+"""Compiling and loading kvlens's C kernels: once per machine, cached, verified, never required.
 
 The sources (``*.c`` and ``kernels.h`` beside this file; GCC's C with its vector extensions) are
 compiled with the system C compiler (``cc -O3 -march=native -fopenmp``, a few seconds) into one
 shared library in ``~/.cache/kvlens/kernels`` (``$KVLENS_CACHE_DIR`` or ``$XDG_CACHE_HOME`` move
-it), named by a hash of the sources, the compiler, the flags and the CPU, written atomically, and
-loaded with ctypes. The library links the OpenMP runtime torch has already loaded, so both share
-one thread pool; if loading it would bring in a second runtime, it is not used.
+it), named by a hash of the sources, the compiler, the flags and the CPU, and loaded with ctypes.
+The library links the OpenMP runtime torch has already loaded, so both share one thread pool; if
+loading it would bring in a second runtime, it is not used.
 
-:func:`library` returns ``None`` (and torch does the work) with no compiler, a failed build, or
-``KVLENS_NATIVE=0`` in the environment.
+A library is loaded only after it is verified, because a damaged one cannot be refused later: a
+truncated ELF file can pass ``dlopen`` and kill the process with SIGBUS when a missing page is
+touched. A build is written under a temporary name, flushed to disk, and renamed into place
+beside a manifest (``<library>.sha256``: its SHA-256 and size). Before loading, the library and
+the manifest must be regular files owned by this user and not writable by group or others, in a
+directory with the same properties (created mode 0700), and the library's size and hash must
+match the manifest. A library that fails this (truncated, zero bytes, garbage, foreign, another
+owner, no manifest) is rebuilt. The file that was verified is the file loaded (through its open
+descriptor). An unsafe cache directory (another owner, group or world writable) is not used:
+the build then goes to a fresh private temporary directory, with a warning. Builds of one key
+are serialised by a lock on the directory, so concurrent processes compile once.
+
+:func:`library` returns ``None`` (and torch does the work) with no compiler, a failed build or
+load, or ``KVLENS_NATIVE=0`` in the environment; it never raises.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import logging
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import tempfile
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -29,6 +44,8 @@ logger = logging.getLogger(__name__)
 SOURCES = tuple(sorted(Path(__file__).parent.glob("*.c")))
 HEADERS = tuple(sorted(Path(__file__).parent.glob("*.h")))
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
+MANIFEST_SUFFIX = ".sha256"
+_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 _lock = threading.Lock()
 _state: dict[str, ctypes.CDLL | None] = {}
 
@@ -53,18 +70,138 @@ def _cpu_signature() -> str:
     return "\n".join(sorted(set(wanted)))
 
 
-def build(compiler: str) -> Path:
-    """Compile the C sources unless a build for them, this compiler and CPU exists; its path."""
-    parts = [p.read_bytes() for p in SOURCES + HEADERS]
-    parts += [compiler.encode(), " ".join(FLAGS).encode(), _cpu_signature().encode()]
-    key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:20]
+def unsafe_reason(st: os.stat_result) -> str | None:
+    """Why a file or directory with status ``st`` may not be trusted, or ``None`` if it may.
+
+    Trusted means owned by this process's user and writable by nobody else.
+    """
+    if st.st_uid != os.getuid():
+        return f"it is owned by uid {st.st_uid}, not by this user (uid {os.getuid()})"
+    if st.st_mode & 0o022:
+        return f"it is writable by group or others (mode {stat.S_IMODE(st.st_mode):o})"
+    return None
+
+
+def trusted_directory() -> tuple[Path, str | None]:
+    """:func:`cache_dir`, created mode 0700, and why it cannot be trusted (``None`` if it can)."""
     directory = cache_dir()
-    target = directory / f"kvlens-{key}.so"
-    if target.exists():
-        return target
-    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileExistsError):
+            directory.mkdir(mode=0o700)
+        st = os.stat(directory)
+    except OSError as error:
+        return directory, f"it cannot be created or read ({error})"
+    if not stat.S_ISDIR(st.st_mode):
+        return directory, "it is not a directory"
+    return directory, unsafe_reason(st)
+
+
+def _hash_fd(fd: int) -> str:
+    h = hashlib.sha256()
+    os.lseek(fd, 0, os.SEEK_SET)
+    while chunk := os.read(fd, 1 << 20):
+        h.update(chunk)
+    return h.hexdigest()
+
+
+def _read_manifest(library: Path) -> tuple[str, int] | None:
+    """The SHA-256 and size recorded for ``library``, or ``None`` if absent or not trusted."""
+    try:
+        fd = os.open(f"{library}{MANIFEST_SUFFIX}", _OPEN_FLAGS)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or unsafe_reason(st) is not None:
+            return None
+        digest, size = os.read(fd, 256).decode("ascii").split()
+        return digest, int(size)
+    except (OSError, ValueError):
+        return None
+    finally:
+        os.close(fd)
+
+
+def open_verified(library: Path) -> int | None:
+    """An open descriptor of ``library`` if it is trusted and matches its manifest, else ``None``.
+
+    A library that exists but fails a check is reported with a warning (it will be rebuilt).
+    """
+    try:
+        fd = os.open(library, _OPEN_FLAGS)
+    except FileNotFoundError:
+        return None
+    except OSError as error:
+        logger.warning("kvlens: cannot open %s (%s); rebuilding it", library, error)
+        return None
+    try:
+        problem = _problem(fd, library)
+    except OSError as error:
+        problem = str(error)
+    if problem is None:
+        return fd
+    os.close(fd)
+    logger.warning("kvlens: not loading %s: %s; rebuilding it", library, problem)
+    return None
+
+
+def _problem(fd: int, library: Path) -> str | None:
+    """What is wrong with the open library ``fd``, or ``None``: its status, size, then hash."""
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        return "it is not a regular file"
+    reason = unsafe_reason(st)
+    if reason is not None:
+        return reason
+    manifest = _read_manifest(library)
+    if manifest is None:
+        return f"it has no trusted manifest {library.name}{MANIFEST_SUFFIX}"
+    digest, size = manifest
+    if st.st_size != size or size == 0:
+        return f"it has {st.st_size} bytes, its build wrote {size} (truncated?)"
+    if _hash_fd(fd) != digest:
+        return "its SHA-256 does not match its build's (damaged?)"
+    return None
+
+
+@contextlib.contextmanager
+def _locked(directory: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``directory`` (POSIX ``flock``), or go on without one.
+
+    Without the lock (no ``fcntl``, a file system that refuses it) concurrent first runs may
+    each compile; the renames keep that safe.
+    """
+    try:
+        import fcntl
+
+        fd = os.open(directory, os.O_RDONLY)
+    except (ImportError, OSError):
+        yield
+        return
+    try:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _write_synced(path: str, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _compile(compiler: str, directory: Path, target: Path) -> None:
+    """Compile into a temporary file, record its hash, and rename both into place."""
     logger.info("kvlens: compiling the native kernels into %s (once per machine)", target)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=directory)
+    fd, tmp = tempfile.mkstemp(suffix=".so.tmp", dir=directory)
+    os.close(fd)
+    fd, tmp_manifest = tempfile.mkstemp(suffix=f"{MANIFEST_SUFFIX}.tmp", dir=directory)
     os.close(fd)
     try:
         subprocess.run(
@@ -74,11 +211,59 @@ def build(compiler: str) -> Path:
             text=True,
             timeout=120,
         )
-        os.replace(tmp, target)  # atomic: a concurrent build or reader never sees half a file
+        os.chmod(tmp, 0o700)  # the linker applies the umask, which may leave it group-writable
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # on disk before the rename: a crash must not leave a short file
+            digest, size = _hash_fd(fd), os.fstat(fd).st_size
+        finally:
+            os.close(fd)
+        _write_synced(tmp_manifest, f"{digest} {size}\n".encode())
+        os.replace(tmp, target)  # atomic: a concurrent reader never sees half a file
+        os.replace(tmp_manifest, f"{target}{MANIFEST_SUFFIX}")
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
+        for name in (tmp, tmp_manifest):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name)
+
+
+def _build_verified(compiler: str, directory: Path) -> tuple[Path, int]:
+    """The library's path and a verified open descriptor of it, compiling it if need be."""
+    parts = [p.read_bytes() for p in SOURCES + HEADERS]
+    parts += [compiler.encode(), " ".join(FLAGS).encode(), _cpu_signature().encode()]
+    key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:20]
+    target = directory / f"kvlens-{key}.so"
+    with _locked(directory):
+        fd = open_verified(target)
+        if fd is None:
+            _compile(compiler, directory, target)
+            fd = open_verified(target)
+    if fd is None:
+        raise OSError(f"the fresh build {target} does not match its manifest")
+    return target, fd
+
+
+def build(compiler: str, directory: Path | None = None) -> Path:
+    """Compile the C sources unless a verified build for them, this compiler and CPU exists.
+
+    Args:
+        compiler: The C compiler's command.
+        directory: Where builds are kept; default :func:`cache_dir` (created mode 0700).
+
+    Returns:
+        The library's path.
+
+    Raises:
+        PermissionError: The directory is not trusted (another owner, group or world writable).
+        OSError, subprocess.SubprocessError: The build failed.
+    """
+    if directory is None:
+        directory, reason = trusted_directory()
+        if reason is not None:
+            raise PermissionError(f"the kernel cache {directory} is not used: {reason}")
+    path, fd = _build_verified(compiler, directory)
+    os.close(fd)
+    return path
 
 
 def _openmp_runtimes() -> set[str]:
@@ -91,29 +276,35 @@ def _openmp_runtimes() -> set[str]:
     return {line.split()[-1] for line in maps.splitlines() if any(n in line for n in names)}
 
 
-def load() -> ctypes.CDLL | None:
-    """Build (if need be) and load the library with its signatures; ``None`` if unavailable."""
-    if os.environ.get("KVLENS_NATIVE", "1") == "0":
-        return None
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if not SOURCES:
-        logger.warning("kvlens: the kernels' C sources are not installed; using torch")
-        return None
-    if compiler is None:
-        logger.info("kvlens: no C compiler found; using torch for decode matrix products")
-        return None
-    before = _openmp_runtimes()
+def _dlopen(compiler: str) -> ctypes.CDLL:
+    """Build (if need be), verify and load the library, in the cache or a private scratch dir."""
+    directory, reason = trusted_directory()
+    scratch = None
+    if reason is not None:
+        logger.warning(
+            "kvlens: not using the kernel cache %s: %s; building the kernels in a private "
+            "temporary directory (make it yours with mode 700, or set KVLENS_CACHE_DIR)",
+            directory,
+            reason,
+        )
+        directory = scratch = Path(tempfile.mkdtemp(prefix="kvlens-kernels-"))
     try:
-        lib = ctypes.CDLL(str(build(compiler)))
-    except (OSError, subprocess.SubprocessError) as error:
-        detail = getattr(error, "stderr", "") or error
-        logger.warning("kvlens: native kernels unavailable, using torch (%s)", detail)
-        return None
-    if before and len(_openmp_runtimes()) > len(before):
-        # A second OpenMP runtime would run its own thread pool beside torch's, and two pools
-        # spinning on the same cores stall each other; torch alone is the safer choice.
-        logger.warning("kvlens: native kernels link another OpenMP runtime; using torch")
-        return None
+        path, fd = _build_verified(compiler, directory)
+        try:
+            # Load the very file that was verified: its path could be replaced in between. (glibc
+            # reuses a library already loaded under the same name, so a second load in one
+            # process may return the first; both were verified builds of the same sources.)
+            by_fd = f"/proc/self/fd/{fd}"
+            return ctypes.CDLL(by_fd if os.path.exists(by_fd) else str(path))
+        finally:
+            os.close(fd)
+    finally:
+        if scratch is not None:  # a loaded library stays mapped once its file is gone
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    """Set the argument and return types of the library's functions (AttributeError if absent)."""
     i64, ptr, f32, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
     signatures = {
         "kvlens_matmul_small": [i64, i64, i64, ptr, i64, ptr, ptr, ptr, ptr, i32],
@@ -132,6 +323,35 @@ def load() -> ctypes.CDLL | None:
         fn.restype, fn.argtypes = None, argtypes
     lib.kvlens_decode_layer_workspace.restype = i64
     lib.kvlens_decode_layer_workspace.argtypes = [ptr]
+
+
+def load() -> ctypes.CDLL | None:
+    """Build (if need be), verify and load the library with its signatures; ``None`` if not.
+
+    Never raises: every failure is logged as a warning and torch does the work.
+    """
+    if os.environ.get("KVLENS_NATIVE", "1") == "0":
+        return None
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not SOURCES:
+        logger.warning("kvlens: the kernels' C sources are not installed; using torch")
+        return None
+    if compiler is None:
+        logger.info("kvlens: no C compiler found; using torch for decode matrix products")
+        return None
+    before = _openmp_runtimes()
+    try:
+        lib = _dlopen(compiler)
+        _declare(lib)
+    except (OSError, AttributeError, subprocess.SubprocessError) as error:
+        detail = getattr(error, "stderr", "") or error
+        logger.warning("kvlens: native kernels unavailable, using torch (%s)", detail)
+        return None
+    if before and len(_openmp_runtimes()) > len(before):
+        # A second OpenMP runtime would run its own thread pool beside torch's, and two pools
+        # spinning on the same cores stall each other; torch alone is the safer choice.
+        logger.warning("kvlens: native kernels link another OpenMP runtime; using torch")
+        return None
     return lib
 
 

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import stat
 import struct
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from tests.unit.cache.test_ops import filled, snapshot, tiny_cfg
 
@@ -161,3 +166,96 @@ def test_a_non_model_is_refused(saved):
     _, path = saved
     with pytest.raises(TypeError, match="ModelConfig"):
         KeyValueCache.load(path, object())
+
+
+# Failed writes and reads name the user's path, never the temporary file, and leave nothing behind.
+
+ENOSPC_FROM_SAFETENSORS = SafetensorError(
+    "Error while serializing: I/O error: No space left on device (os error 28)"
+)
+
+
+def assert_names_only_the_target(error: BaseException, path) -> None:
+    assert str(path) in str(error)
+    assert ".tmp" not in str(error)
+
+
+def test_save_into_a_missing_folder_names_the_target(tmp_path):
+    path = tmp_path / "no-such-folder" / "doc.kvcache"
+    with pytest.raises(FileNotFoundError, match="does not exist") as info:
+        filled().save(path)
+    assert_names_only_the_target(info.value, path)
+
+
+def test_save_onto_a_directory_is_refused(tmp_path):
+    (tmp_path / "d").mkdir()
+    with pytest.raises(IsADirectoryError, match="is a directory") as info:
+        filled().save(tmp_path / "d")
+    assert_names_only_the_target(info.value, tmp_path / "d")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
+
+
+def test_save_onto_a_special_file_does_not_replace_it(tmp_path):
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    with pytest.raises(OSError, match="not a regular file") as info:
+        filled().save(fifo)
+    assert_names_only_the_target(info.value, fifo)
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)  # a rename would have put a file in its place
+    assert [p.name for p in tmp_path.iterdir()] == ["pipe"]
+
+
+def test_a_full_disk_is_an_os_error_naming_the_target(saved, monkeypatch):
+    _, path = saved
+    before = path.read_bytes()
+
+    def full(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"partial")
+        raise ENOSPC_FROM_SAFETENSORS
+
+    monkeypatch.setattr(io, "save_file", full)
+    with pytest.raises(OSError, match="No space left on device") as info:
+        filled(pos=2).save(path)
+    assert info.value.errno == errno.ENOSPC
+    assert_names_only_the_target(info.value, path)
+    assert path.read_bytes() == before
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # the temporary file is gone
+
+
+def test_an_unwritable_folder_is_a_permission_error_naming_the_target(tmp_path, monkeypatch):
+    path = tmp_path / "doc.kvcache"
+
+    def denied(dir=None, prefix=None, suffix=None):
+        raise PermissionError(errno.EACCES, "Permission denied", f"{dir}/{prefix}x{suffix}")
+
+    monkeypatch.setattr(io.tempfile, "mkstemp", denied)  # root ignores a read-only folder
+    with pytest.raises(PermissionError, match="Permission denied") as info:
+        filled().save(path)
+    assert_names_only_the_target(info.value, path)
+
+
+def test_a_failed_rename_leaves_no_temporary_file(saved, monkeypatch):
+    _, path = saved
+
+    def failing_replace(src, dst):
+        raise OSError(errno.EXDEV, "Invalid cross-device link", src, dst)
+
+    monkeypatch.setattr(io.os, "replace", failing_replace)
+    with pytest.raises(OSError, match="cross-device") as info:
+        filled(pos=2).save(path)
+    assert_names_only_the_target(info.value, path)
+    assert [p.name for p in path.parent.iterdir()] == [path.name]
+
+
+def test_an_unreadable_file_is_an_os_error_naming_it(saved, monkeypatch):
+    _, path = saved
+    real_open = os.open
+
+    def guarded(name, flags, *args, **kwargs):
+        if Path(name) == path:
+            raise PermissionError(errno.EACCES, "Permission denied", str(name))
+        return real_open(name, flags, *args, **kwargs)
+
+    monkeypatch.setattr(io.os, "open", guarded)  # root can read a mode-000 file
+    with pytest.raises(PermissionError, match=f"cannot read the cache {path}"):
+        KeyValueCache.load(path, tiny_cfg())
