@@ -100,6 +100,8 @@ class HookedTransformer(TokenizerMixin, GenerationMixin, HookedRootModule):
         super().__init__()
         self.cfg = cfg
         self._fingerprint: str | None = None  # of the weights, see weights_fingerprint()
+        self._devices: list[torch.device] = []  # see _block_devices()
+        self._devices_of: ModelConfig | None = None
         self.set_tokenizer(tokenizer, default_padding_side)
         with torch.device(get_device_for_block_index(0, cfg)):
             self.embed = Embed(cfg)
@@ -532,8 +534,27 @@ class HookedTransformer(TokenizerMixin, GenerationMixin, HookedRootModule):
                 )
         plain = cache.suffix if isinstance(cache, SharedPrefixCache) else cache
         length = plain[first_layer].length
-        for i in range(first_layer, self.cfg.n_layers):
-            _check_entry(i, plain[i], self.blocks[i].attn, batch, length)
+        # This runs every decode step: one tuple comparison per layer against what the config
+        # says (kept in step with the weights by _apply); the exact check against the layer's
+        # weights, and its message, only where that comparison fails.
+        cfg = self.cfg
+        want = (length, batch, cfg.n_kv_heads, cfg.d_head, cfg.dtype)
+        devices = self._block_devices()
+        for i in range(first_layer, cfg.n_layers):
+            entry = plain.entries[i]
+            got = (entry.length, entry.batch_size, entry.n_kv_heads, entry.d_head, entry.dtype)
+            if got != want or entry.device != devices[i]:
+                _check_entry(i, entry, self.blocks[i].attn, batch, length)
+
+    def _block_devices(self) -> list[torch.device]:
+        """Each block's device as the config places it (computed once per config)."""
+        if self._devices_of is not self.cfg:
+            self._devices = [
+                torch.device(get_device_for_block_index(i, self.cfg))
+                for i in range(self.cfg.n_layers)
+            ]
+            self._devices_of = self.cfg
+        return self._devices
 
     def _full_mask(
         self,
