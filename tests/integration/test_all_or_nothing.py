@@ -60,6 +60,18 @@ def raising_at(layer: int, error: BaseException):
     return (f"blocks.{layer}.hook_resid_post", hook)
 
 
+def raising_on_call(n: int, error: BaseException):
+    """A hook that raises ``error`` the ``n``-th time it runs (a pass ``n - 1`` steps in)."""
+    calls = {"n": 0}
+
+    def hook(x: torch.Tensor, hook: object) -> None:
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise error
+
+    return hook
+
+
 @torch.no_grad()
 @pytest.mark.parametrize("n_new", [1, 3])  # a decode step (fused native layers) and a chunk
 def test_a_hook_raising_at_any_layer_leaves_the_cache_as_it_was(model, n_new) -> None:
@@ -95,13 +107,7 @@ def test_an_interrupt_during_generate_leaves_the_cache_as_it_was() -> None:
     prompt = tokens_for(3, 1, 5)
     cache = prefilled(model, prompt)
     before = snapshot(cache)
-    calls = {"n": 0}
-
-    def interrupt_on_third_pass(x: torch.Tensor, hook: object) -> None:
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-
+    interrupt_on_third_pass = raising_on_call(3, KeyboardInterrupt())
     new = tokens_for(4, 1, 2)
     with (
         pytest.raises(KeyboardInterrupt),
@@ -141,13 +147,7 @@ def test_a_stream_that_fails_midway_goes_back_and_a_closed_one_keeps_its_steps()
     prompt = tokens_for(5, 1, 4)
     cache = prefilled(model, prompt)
     before = snapshot(cache)
-    calls = {"n": 0}
-
-    def fail_on_third(x: torch.Tensor, hook: object) -> None:
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise RuntimeError("stop")
-
+    fail_on_third = raising_on_call(3, RuntimeError("stop"))
     with model.hooks([("blocks.0.hook_resid_post", fail_on_third)]):
         stream = model.generate_stream(
             prompt[:, -1:],
