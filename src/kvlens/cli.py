@@ -160,13 +160,11 @@ def _cached_prompt(
 
 
 def _extend(model: HookedTransformer, cache: KeyValueCache, tokens: Any) -> KeyValueCache:
-    """Run ``tokens`` into ``cache`` (keeping its token record when it has one)."""
+    """Run ``tokens`` into ``cache`` (the pass extends its token record)."""
     import torch
 
-    before = cache.tokens
     # The prompt's tokens are all real (a pad id in it is text, not padding).
     model(tokens, return_type=None, past_kv_cache=cache, attention_mask=torch.ones_like(tokens))
-    cache.tokens = None if before is None else torch.cat([before, tokens.to(before.device)], 1)
     return cache
 
 

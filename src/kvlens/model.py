@@ -430,8 +430,7 @@ class HookedTransformer(TokenizerMixin, GenerationMixin, HookedRootModule):
         batch, pos = tokens.shape
         cache = KeyValueCache.init_cache(self.cfg, self.cfg.device, batch, max(capacity, pos))
         self(tokens, return_type=None, past_kv_cache=cache, attention_mask=attention_mask)
-        cache.tokens = tokens
-        return cache
+        return cache  # the pass recorded its tokens (cache.tokens)
 
     def _output(
         self,
