@@ -71,8 +71,10 @@ class HookedRootModule(nn.Module):
     pass of this model, in any thread, runs them, and a generation in another thread produces
     different text. Use one model per thread, or ``copy.deepcopy(model)`` (a copy carries the
     hooks attached when it is made, so make it outside any ``hooks()`` block), to hook
-    independently. Context levels are one counter per model, so ``hooks()`` blocks opened by
-    several threads on one model at once may detach each other's hooks.
+    independently. A ``hooks()`` block detaches the hooks of its own level when it closes, even
+    when another thread's block closed first; but levels are depths of one counter per model,
+    so a block opened while another thread's is still open after a third closed may share its
+    level, and then the first of the two to close detaches both blocks' hooks.
 
     Attributes:
         hook_dict: Every hook point by name.
@@ -203,15 +205,16 @@ class HookedRootModule(nn.Module):
             clear_contexts: Also empty every hook point's ``ctx`` on exit.
         """
         self.context_level += 1
+        level = self.context_level  # this block's, even if another thread's block closes first
         try:
             for name, hook in fwd_hooks:
-                self.add_hook(name, hook, dir="fwd", level=self.context_level)
+                self.add_hook(name, hook, dir="fwd", level=level)
             for name, hook in bwd_hooks:
-                self.add_hook(name, hook, dir="bwd", level=self.context_level)
+                self.add_hook(name, hook, dir="bwd", level=level)
             yield self
         finally:
             if reset_hooks_end:
-                self.reset_hooks(clear_contexts, level=self.context_level)
+                self.reset_hooks(clear_contexts, level=level)
             self.context_level -= 1
 
     def _check_forward_kwargs(

@@ -126,3 +126,33 @@ def test_a_copy_made_inside_a_hooks_block_carries_its_hooks(model, tokens):
         carried = copy.deepcopy(model)
     torch.testing.assert_close(model(tokens), clean)
     assert not torch.allclose(carried(tokens), clean)
+
+
+def test_a_block_closing_first_in_another_thread_leaves_this_blocks_hooks(
+    model: HookedTransformer,
+) -> None:
+    """Two overlapping blocks: each removes its own hooks on exit, whichever closes first."""
+    point = model.hook_dict[HOOK_NAME]
+    a_in, b_in = threading.Event(), threading.Event()
+
+    def hook_a(x: torch.Tensor, hook: object) -> None:
+        return None
+
+    def hook_b(x: torch.Tensor, hook: object) -> None:
+        return None
+
+    def thread_a() -> None:
+        with model.hooks([(HOOK_NAME, hook_a)]):
+            a_in.set()
+            assert b_in.wait(WAIT_S)
+
+    worker = threading.Thread(target=thread_a)
+    worker.start()
+    assert a_in.wait(WAIT_S)
+    with model.hooks([(HOOK_NAME, hook_b)]):
+        b_in.set()
+        worker.join(WAIT_S)
+        assert not worker.is_alive()
+        attached = [entry.hook for entry in point.fwd_hooks]
+        assert hook_b in attached and hook_a not in attached
+    assert point.fwd_hooks == [] and model.context_level == 0
