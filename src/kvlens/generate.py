@@ -23,7 +23,7 @@ from kvlens.tokens import PaddingSide, pad_token_id
 if TYPE_CHECKING:
     from kvlens.model import HookedTransformer
 
-ReturnType = Literal["input", "str", "tokens"]
+GenerateReturnType = Literal["input", "str", "tokens"]  # what generate returns
 
 
 @torch.no_grad()
@@ -316,7 +316,7 @@ class GenerationMixin:
         use_past_kv_cache: bool = True,
         prepend_bos: bool | None = None,
         padding_side: PaddingSide | None = None,
-        return_type: ReturnType = "input",
+        return_type: GenerateReturnType = "input",
         verbose: bool = True,
         attention_mask: Tensor | None = None,
         past_kv_cache: KeyValueCache | None = None,

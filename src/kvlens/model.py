@@ -11,7 +11,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from kvlens.cache.cache import KeyValueCache
+from kvlens.cache.cache import MASK_DTYPE, KeyValueCache
 from kvlens.cache.entry import KeyValueCacheEntry
 from kvlens.cache.shared import SharedPrefixCache, share_frozen_prefix
 from kvlens.components.attention_context import AttentionContext, build_attention_context
@@ -33,7 +33,6 @@ if TYPE_CHECKING:
 
 ReturnType = Literal["logits", "loss", "both"] | None
 _RETURN_TYPES = ("logits", "loss", "both", None)
-MASK_DTYPE = torch.int32
 
 
 class Output(NamedTuple):
