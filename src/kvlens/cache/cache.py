@@ -10,11 +10,12 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from kvlens.cache.entry import EntryCheckpoint, KeyValueCacheEntry, _grown_capacity
+from kvlens.cache.entry import EntryCheckpoint, KeyValueCacheEntry
+from kvlens.cache.mask import MASK_DTYPE, MaskStorage, check_mask
 from kvlens.config import ModelConfig
 from kvlens.devices import get_device_for_block_index
 
-MASK_DTYPE = torch.int
+__all__ = ["MASK_DTYPE", "CacheCheckpoint", "HookedTransformerKeyValueCache", "KeyValueCache"]
 
 
 class CacheCheckpoint(NamedTuple):
@@ -75,12 +76,9 @@ class KeyValueCache:
             previous_attention_mask = torch.ones(
                 (batch, entries[0].length), dtype=MASK_DTYPE, device=device
             )
-        self._check_mask(previous_attention_mask, "previous_attention_mask")
-        pos = previous_attention_mask.shape[1]
-        capacity = max(pos, entries[0].capacity)
-        self._mask = _new_mask_storage(previous_attention_mask, capacity, device)
-        self._mask_length = pos
-        self._staged_mask_length: int | None = None  # see append_attention_mask(commit=False)
+        check_mask(previous_attention_mask, "previous_attention_mask", batch)
+        # Writes after the committed length can be staged: see append_attention_mask(commit=False).
+        self._mask = MaskStorage(previous_attention_mask, entries[0].capacity, device)
 
     @classmethod
     def init_cache(
@@ -115,12 +113,12 @@ class KeyValueCache:
     @property
     def previous_attention_mask(self) -> Int[Tensor, "batch pos_so_far"]:
         """The stored attention mask: a view of the storage, not a copy."""
-        return self._mask.narrow(1, 0, self._mask_length)
+        return self._mask.view()
 
     @previous_attention_mask.setter
     def previous_attention_mask(self, mask: Tensor) -> None:
         """Replace the stored mask; it must cover exactly the positions every layer holds."""
-        self._check_mask(mask, "previous_attention_mask")
+        self._mask.check(mask, "previous_attention_mask")
         pos = mask.shape[1]
         lengths = sorted({entry.length for entry in self.entries})
         if lengths != [pos]:
@@ -129,9 +127,7 @@ class KeyValueCache:
                 f"previous_attention_mask covers {pos} positions, the cache's layers hold {held}; "
                 "give a mask of that length (crop the cache to shorten it)"
             )
-        self._reserve_mask(pos)
-        self._mask[:, :pos].copy_(mask)
-        self._mask_length = pos
+        self._mask.replace(mask)
 
     def freeze(self) -> KeyValueCache:
         """Freeze the cache and every entry: forward passes read it but do not extend it.
@@ -165,25 +161,15 @@ class KeyValueCache:
                 as it is until :meth:`commit_attention_mask`: a forward pass commits it only
                 once every layer has run, so a pass that fails leaves the mask as it was.
         """
-        self._check_mask(attention_mask, "attention_mask")
-        start = self._mask_length
-        end = start + attention_mask.shape[1]
-        if end > self._mask.shape[1]:
-            self._reserve_mask(end)
-        self._mask.narrow(1, start, end - start).copy_(attention_mask)
+        self._mask.check(attention_mask, "attention_mask")
+        full = self._mask.write(attention_mask)
         if commit:
-            self._staged_mask_length = None
-            if not self.frozen:
-                self._mask_length = end
-        else:
-            self._staged_mask_length = end
-        return self._mask.narrow(1, 0, end)
+            self.commit_attention_mask()
+        return full
 
     def commit_attention_mask(self) -> None:
         """Advance the stored mask over what ``append_attention_mask(commit=False)`` wrote."""
-        if self._staged_mask_length is not None and not self.frozen:
-            self._mask_length = self._staged_mask_length
-        self._staged_mask_length = None
+        self._mask.commit(advance=not self.frozen)
 
     def record_tokens(self, new_tokens: Int[Tensor, "batch new_tokens"] | None) -> None:
         """Keep :attr:`tokens` true after positions were appended (unless frozen).
@@ -215,7 +201,7 @@ class KeyValueCache:
         """
         return CacheCheckpoint(
             [entry.checkpoint() for entry in self.entries],
-            self._mask_length,
+            self._mask.length,
             self.tokens,
             self.weights_fingerprint,
         )
@@ -228,8 +214,7 @@ class KeyValueCache:
             )
         for entry, entry_state in zip(self.entries, state.entries, strict=True):
             entry.restore(entry_state)
-        self._mask_length = state.mask_length
-        self._staged_mask_length = None
+        self._mask.restore(state.mask_length)
         self.tokens = state.tokens
         self.weights_fingerprint = state.weights_fingerprint
 
@@ -274,14 +259,14 @@ class KeyValueCache:
         used = 0
         for entry in self.entries:
             per_position = entry.batch_size * entry.n_kv_heads * entry.d_head
-            used += 2 * per_position * entry.length * entry._keys.element_size()
-        return used + self.batch_size * self._mask_length * self._mask.element_size()
+            used += 2 * per_position * entry.length * entry.dtype.itemsize
+        return used + self._mask.nbytes_used
 
     def reserve(self, capacity: int) -> None:
         """Preallocate ``capacity`` positions in every layer and in the mask."""
         for entry in self.entries:
             entry.reserve(capacity)
-        self._reserve_mask(capacity)
+        self._mask.reserve(capacity)
 
     def __repr__(self) -> str:
         return (
@@ -289,47 +274,92 @@ class KeyValueCache:
             f"seq_len={self.seq_len}, capacity={self.capacity}, frozen={self.frozen})"
         )
 
-    # Operations (see kvlens.cache.ops and kvlens.cache.io) ------------------------------------
+    # Operations ------------------------------------------------------------------------------
+    # Each keeps every layer, the mask and the token record consistent and copies no more than
+    # it must: crop and reset change lengths only, select and repeat_interleave copy the
+    # committed positions of the selected rows, clone copies the committed positions once.
+
+    def check_consistent(self) -> int:
+        """The cache's length; raises ``ValueError`` unless every layer and the mask agree on it."""
+        length = self.entries[0].length
+        for i, entry in enumerate(self.entries):
+            if entry.length != length:
+                raise ValueError(
+                    f"the cache's layer {i} holds {entry.length} positions and layer 0 holds "
+                    f"{length}; its layers were extended unevenly"
+                )
+        if self._mask.length != length:
+            raise ValueError(
+                f"the cache's attention mask covers {self._mask.length} positions and its layers "
+                f"hold {length}"
+            )
+        return length
 
     def clone(self) -> KeyValueCache:
-        """An independent copy (committed positions copied once, same capacity)."""
-        from kvlens.cache import ops
+        """An independent copy: same contents, capacity, mask, tokens, config and frozen flags.
 
-        return ops.clone(self)
+        The committed positions are copied once.
+        """
+        self.check_consistent()
+        entries = [
+            KeyValueCacheEntry(e.past_keys, e.past_values, frozen=e.frozen, capacity=e.capacity)
+            for e in self.entries
+        ]
+        copy = type(self)(entries, self.previous_attention_mask, frozen=self.frozen)
+        copy.cfg = self.cfg
+        copy.weights_fingerprint = self.weights_fingerprint
+        copy.tokens = None if self.tokens is None else self.tokens.clone()
+        return copy
 
     def select(self, batch_indices: Tensor | Sequence[int]) -> KeyValueCache:
         """Keep rows ``batch_indices`` (reordered, repeats allowed) in place; returns the cache.
 
-        Beam search's reorder. Copies the committed positions of the selected rows; raises
-        ``IndexError`` for an index outside ``[0, batch_size)`` and leaves the cache unchanged.
+        Beam search's reorder. Copies the committed positions of the selected rows of every
+        layer, the mask and the tokens; raises ``IndexError`` for an index outside
+        ``[0, batch_size)`` (``TypeError``/``ValueError`` for other bad input) and leaves the
+        cache unchanged.
         """
-        from kvlens.cache import ops
-
-        ops.select(self, batch_indices)
+        self.check_consistent()
+        indices = _check_batch_indices(batch_indices, self.batch_size)
+        for entry in self.entries:
+            entry.select(indices)
+        self._mask.select(indices)
+        if self.tokens is not None:
+            self.tokens = self.tokens.index_select(0, indices.to(self.tokens.device))
         return self
 
     def repeat_interleave(self, repeats: int) -> KeyValueCache:
-        """Repeat each row ``repeats`` times in place (parallel sampling); returns the cache."""
-        from kvlens.cache import ops
+        """Repeat each row ``repeats`` times in place (rows ``0, 0, 1, 1, ...`` for 2).
 
-        ops.repeat_interleave(self, repeats)
-        return self
+        Parallel sampling's expansion; returns the cache.
+        """
+        if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+            raise ValueError(f"repeats must be an int >= 1, got {repeats!r}")
+        if repeats == 1:
+            return self
+        return self.select(torch.arange(self.batch_size).repeat_interleave(repeats))
 
     def crop(self, length: int) -> KeyValueCache:
         """Keep the first ``length`` positions (negative: drop ``-length`` from the end): O(1).
 
-        Raises ``ValueError`` for ``length`` outside ``[-seq_len, seq_len]``, changing nothing.
+        Applies to every layer, the mask and the tokens. Raises ``ValueError`` for ``length``
+        outside ``[-seq_len, seq_len]``, changing nothing.
         """
-        from kvlens.cache import ops
-
-        ops.crop(self, length)
+        new_length = _resolve_crop_length(length, self.check_consistent())
+        for entry in self.entries:
+            entry.crop(new_length)
+        self._mask.crop(new_length)
+        if self.tokens is not None:
+            self.tokens = self.tokens[:, :new_length]
         return self
 
     def reset(self) -> KeyValueCache:
-        """Forget every position, keeping the storage; returns the cache."""
-        from kvlens.cache import ops
-
-        ops.reset(self)
+        """Forget every position, keeping the storage for reuse; returns the cache."""
+        for entry in self.entries:
+            entry.crop(0)
+        self._mask.crop(0)
+        self.tokens = None
+        self.weights_fingerprint = None  # an empty cache may serve any model
         return self
 
     def save(self, path: str | os.PathLike[str], cfg: ModelConfig | None = None) -> None:
@@ -350,40 +380,36 @@ class KeyValueCache:
 
         return io.load_cache(path, model_or_cfg, device)
 
-    # Internals --------------------------------------------------------------------------------
 
-    def _reserve_mask(self, capacity: int) -> None:
-        if capacity <= self._mask.shape[1]:
-            return
-        grown = _grown_capacity(self._mask.shape[1], capacity)
-        self._mask = _new_mask_storage(self.previous_attention_mask, grown, self._mask.device)
-
-    def _check_mask(self, mask: Tensor, name: str) -> None:
-        if not isinstance(mask, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(mask).__name__}")
-        if mask.ndim != 2:
-            raise ValueError(f"{name} must be 2-D [batch, pos], got shape {tuple(mask.shape)}")
-        if mask.is_floating_point() or mask.is_complex():
-            raise TypeError(f"{name} must hold integers or booleans, got {mask.dtype}")
-        if mask.shape[0] != self.batch_size:
-            raise ValueError(
-                f"{name} has batch size {mask.shape[0]}, this cache stores {self.batch_size}"
-            )
+def _resolve_crop_length(length: int, seq_len: int) -> int:
+    """The length ``crop(length)`` keeps: ``length``, or ``seq_len + length`` when negative."""
+    if isinstance(length, bool) or not isinstance(length, int):
+        raise TypeError(f"crop length must be an int, got {type(length).__name__}")
+    if length > seq_len or length < -seq_len:
+        raise ValueError(
+            f"cannot crop a cache of {seq_len} positions to {length}: give a length in "
+            f"[-{seq_len}, {seq_len}] (a negative one drops that many positions from the end)"
+        )
+    return length if length >= 0 else seq_len + length
 
 
-def _new_mask_storage(
-    contents: Int[Tensor, "batch pos"], capacity: int, device: torch.device
-) -> Int[Tensor, "batch capacity"]:
-    """``[batch, capacity]`` int32 storage on ``device`` holding ``contents`` first, zeros after.
-
-    A normal tensor even under ``torch.inference_mode``, like the entries' buffers, so that it can
-    still be written in place outside it.
-    """
-    batch, pos = contents.shape
-    with torch.inference_mode(False):
-        storage = torch.zeros((batch, capacity), dtype=MASK_DTYPE, device=device)
-        storage[:, :pos].copy_(contents)
-    return storage
+def _check_batch_indices(indices: Tensor | Sequence[int], batch: int) -> Int[Tensor, " new_batch"]:
+    """``indices`` as a 1-D int64 tensor, each in ``[0, batch)``; raises otherwise."""
+    if not isinstance(indices, Tensor):
+        indices = torch.as_tensor(list(indices), dtype=torch.long)
+    if indices.ndim != 1:
+        raise ValueError(f"batch_indices must be 1-D, got shape {tuple(indices.shape)}")
+    if indices.is_floating_point() or indices.is_complex() or indices.dtype == torch.bool:
+        raise TypeError(f"batch_indices must hold integers, got {indices.dtype}")
+    if indices.numel() == 0:
+        raise ValueError("batch_indices is empty: a cache needs at least one row")
+    low, high = int(indices.min()), int(indices.max())
+    if low < 0 or high >= batch:
+        bad = low if low < 0 else high
+        raise IndexError(
+            f"batch_indices holds {bad}, but this cache has {batch} rows (valid: 0 to {batch - 1})"
+        )
+    return indices.to(torch.long)
 
 
 # TransformerLens's name for the same thing.

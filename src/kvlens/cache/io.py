@@ -30,7 +30,6 @@ from torch import Tensor
 
 from kvlens.cache.cache import MASK_DTYPE, KeyValueCache
 from kvlens.cache.entry import KeyValueCacheEntry
-from kvlens.cache.ops import check_consistent
 from kvlens.config import ModelConfig
 from kvlens.devices import get_device_for_block_index
 
@@ -61,7 +60,7 @@ def save_cache(
             "save needs the model's config: this cache was not made by init_cache, "
             "pass cfg=model.cfg"
         )
-    seq_len = check_consistent(cache)
+    seq_len = cache.check_consistent()
     if len(cache.entries) != cfg.n_layers:
         raise ValueError(f"the cache has {len(cache.entries)} layers, cfg has {cfg.n_layers}")
     tensors: dict[str, Tensor] = {}

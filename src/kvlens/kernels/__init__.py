@@ -12,47 +12,58 @@ a whole layer of a decode step (any supported family) in one call with the same 
 used.
 
 Each op returns ``None`` for input it does not take (autograd, a dtype other than float32, a
-device other than the CPU, more than :data:`MAX_ROWS` rows, an unsupported layout, or no library),
-and the caller then runs torch. The checks are written for speed: every call of these sits on the
-per-token path.
+device other than the CPU, more rows than the library's ``max_rows``, an unsupported layout, or no
+library), and the caller then runs torch. The checks are written for speed: every call of these
+sits on the per-token path.
+
+The limits (rows, attention's group and head width, the one-thread threshold) and the scratch
+sizes are the library's own, read from it (:func:`limits`), never copied here.
 """
 
 from __future__ import annotations
 
+import ctypes
 import threading
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from kvlens.kernels.build import available, library
+from kvlens.kernels.build import Limits, available, library, read_limits
 
 __all__ = [
-    "MAX_ROWS",
+    "Limits",
     "activation",
     "available",
     "decode_attention",
     "decode_attention_lse",
     "layer_norm",
     "library",
+    "limits",
     "matmul",
     "rms_norm",
     "rotary_",
     "silu_mul",
 ]
 
-MAX_ROWS = 32
-"""Inputs with more rows than this (a prefill) go to torch. Up to 32 rows the native product
-is well ahead of MKL's; at 64 they are close (``benchmarks/bench_matvec.py`` times both)."""
-
 ACTIVATIONS = {"gelu": 0, "gelu_new": 1, "gelu_pytorch_tanh": 1, "relu": 2, "silu": 3}
 """The plain MLP's activations the kernels compute, by ``cfg.act_fn`` (``KVLENS_ACT_*`` in
 kernels.h): GELU exact (erf), GELU's tanh approximation, ReLU, SiLU."""
 
 _F32 = torch.float32
-_SINGLE_THREAD_BYTES = 256 * 1024  # smaller weights are not worth waking a second thread
-_SPLIT_COLUMNS_MIN = 4096  # as in matmul.c: from this many columns per thread, no partial sums
 _local = threading.local()  # per-thread scratch: ctypes releases the GIL during a call
+
+
+def _native() -> tuple[ctypes.CDLL, Limits] | None:
+    """The loaded library and its limits, or ``None`` when there is none."""
+    lib = library()
+    return None if lib is None else (lib, read_limits(lib))
+
+
+def limits() -> Limits | None:
+    """The loaded library's limits (building it if need be), or ``None`` when there is none."""
+    native = _native()
+    return None if native is None else native[1]
 
 
 def _plain(t: Tensor) -> bool:
@@ -60,12 +71,12 @@ def _plain(t: Tensor) -> bool:
     return t.dtype is _F32 and t.is_cpu and not (t.requires_grad and torch.is_grad_enabled())
 
 
-def _few_rows(x: Tensor) -> int:
+def _few_rows(x: Tensor, max_rows: int) -> int:
     """How many rows ``x`` has over its last axis if a row op takes it (plain, at most
-    :data:`MAX_ROWS`), else 0."""
+    ``max_rows``), else 0."""
     d = x.shape[-1]
     n_rows = x.numel() // d if d else 0
-    return n_rows if 0 < n_rows <= MAX_ROWS and _plain(x) else 0
+    return n_rows if 0 < n_rows <= max_rows and _plain(x) else 0
 
 
 def _scratch(numel: int) -> Tensor:
@@ -84,14 +95,20 @@ def matmul(
     """``x @ weight + bias`` for a few rows of ``x``, or ``None`` where the kernel does not apply.
 
     Args:
-        x: At most :data:`MAX_ROWS` rows in all; rows may be strided, the last axis contiguous.
+        x: At most the library's ``max_rows`` rows in all; rows may be strided, the last axis
+            contiguous.
         weight: Contiguous ``[d_in, d_out]``.
         bias: Optional ``[d_out]``.
-        threads: OpenMP threads; default torch's count (one for weights under 256 KB).
+        threads: OpenMP threads; default torch's count (one for weights under the library's
+            ``single_thread_bytes``, 256 KB).
     """
+    native = _native()
+    if native is None:
+        return None
+    lib, lim = native
     d_in = x.shape[-1]
     n_rows = x.numel() // d_in if d_in else 0
-    if not 0 < n_rows <= MAX_ROWS or weight.dim() != 2 or weight.shape[0] != d_in:
+    if not 0 < n_rows <= lim.max_rows or weight.dim() != 2 or weight.shape[0] != d_in:
         return None
     if not (_plain(x) and _plain(weight) and weight.is_contiguous()):
         return None
@@ -99,17 +116,15 @@ def matmul(
         _plain(bias) and bias.is_contiguous() and bias.shape == weight.shape[1:]
     ):
         return None
-    lib = library()
-    if lib is None:
-        return None
     d_out = weight.shape[1]
     rows, row_stride = _rows(x, n_rows)
     if threads is None:
-        threads = 1 if d_in * d_out * 4 < _SINGLE_THREAD_BYTES else torch.get_num_threads()
+        threads = 1 if d_in * d_out * 4 < lim.single_thread_bytes else torch.get_num_threads()
     out = torch.empty((*x.shape[:-1], d_out), dtype=_F32)
     scratch = None
-    if threads > 1 and d_out < _SPLIT_COLUMNS_MIN * threads:
-        scratch = _scratch((threads - 1) * n_rows * d_out).data_ptr()
+    if threads > 1:
+        floats = lib.kvlens_matmul_scratch(n_rows, d_out, threads)
+        scratch = _scratch(floats).data_ptr() if floats else None
     lib.kvlens_matmul_small(
         n_rows,
         d_in,
@@ -129,15 +144,16 @@ def rms_norm(
     x: Float[Tensor, "... d"], weight: Float[Tensor, " d"] | None, eps: float
 ) -> Float[Tensor, "... d"] | None:
     """``x / sqrt(mean(x**2) + eps) * weight`` over the last axis, or ``None`` (not handled)."""
-    d, n_rows = x.shape[-1], _few_rows(x)
+    native = _native()
+    if native is None:
+        return None
+    lib, lim = native
+    d, n_rows = x.shape[-1], _few_rows(x, lim.max_rows)
     if not n_rows:
         return None
     if weight is not None and not (
         _plain(weight) and weight.is_contiguous() and weight.shape == x.shape[-1:]
     ):
-        return None
-    lib = library()
-    if lib is None:
         return None
     rows, row_stride = _rows(x, n_rows)
     out = torch.empty(x.shape, dtype=_F32)
@@ -150,15 +166,16 @@ def layer_norm(
     x: Float[Tensor, "... d"], weight: Float[Tensor, " d"], bias: Float[Tensor, " d"], eps: float
 ) -> Float[Tensor, "... d"] | None:
     """``F.layer_norm`` over the last axis with its scale and bias, or ``None`` (not handled)."""
-    d, n_rows = x.shape[-1], _few_rows(x)
+    native = _native()
+    if native is None:
+        return None
+    lib, lim = native
+    d, n_rows = x.shape[-1], _few_rows(x, lim.max_rows)
     if not n_rows:
         return None
     for t in (weight, bias):
         if not (_plain(t) and t.is_contiguous() and t.shape == x.shape[-1:]):
             return None
-    lib = library()
-    if lib is None:
-        return None
     rows, row_stride = _rows(x, n_rows)
     out = torch.empty(x.shape, dtype=_F32)
     lib.kvlens_layer_norm(
@@ -170,12 +187,13 @@ def layer_norm(
 
 def activation(x: Float[Tensor, "... d"], name: str) -> Float[Tensor, "... d"] | None:
     """The plain MLP's activation ``name`` (a ``cfg.act_fn``) of ``x``, or ``None``."""
-    kind = ACTIVATIONS.get(name)
-    d, n_rows = x.shape[-1], _few_rows(x)
-    if kind is None or not n_rows or x.stride(-1) != 1:
+    native = _native()
+    if native is None:
         return None
-    lib = library()
-    if lib is None:
+    lib, lim = native
+    kind = ACTIVATIONS.get(name)
+    d, n_rows = x.shape[-1], _few_rows(x, lim.max_rows)
+    if kind is None or not n_rows or x.stride(-1) != 1:
         return None
     rows, row_stride = _rows(x, n_rows)
     out = torch.empty(x.shape, dtype=_F32)
@@ -194,18 +212,19 @@ def rotary_(
     Returns ``x``, or ``None`` (``x`` untouched) where the kernel does not apply. ``x`` must be a
     tensor nobody else reads (a fresh projection): its values are overwritten.
     """
+    native = _native()
+    if native is None:
+        return None
+    lib, lim = native
     batch, n_new, heads, d_head = x.shape
     half = cos.shape[-1]
-    if batch * n_new > MAX_ROWS or 2 * half > d_head or x.stride(-1) != 1:
+    if batch * n_new > lim.max_rows or 2 * half > d_head or x.stride(-1) != 1:
         return None
     if x.stride(0) != n_new * x.stride(1) or cos.dim() != 4 or cos.shape[1] != n_new:
         return None
     if cos.shape != sin.shape or cos.stride() != sin.stride() or cos.stride(-1) != 1:
         return None
     if cos.shape[0] not in (1, batch) or not (_plain(x) and _plain(cos) and _plain(sin)):
-        return None
-    lib = library()
-    if lib is None:
         return None
     # Rows (b, p) of x are x.stride(1) apart; give cos and sin the same row layout.
     if cos.shape[0] == 1 and n_new == 1:
@@ -252,22 +271,20 @@ def silu_mul(
 
     ``gate`` and ``up`` may be views of one projection's output (rows strided).
     """
+    native = _native()
+    if native is None:
+        return None
+    lib, lim = native
     d = gate.shape[-1]
     n_rows = gate.numel() // d if d else 0
-    if not 0 < n_rows <= MAX_ROWS or up.shape != gate.shape:
+    if not 0 < n_rows <= lim.max_rows or up.shape != gate.shape:
         return None
     if gate.stride(-1) != 1 or up.stride(-1) != 1 or not (_plain(gate) and _plain(up)):
-        return None
-    lib = library()
-    if lib is None:
         return None
     (g, ldg), (u, ldu) = _rows(gate, n_rows), _rows(up, n_rows)
     out = torch.empty(gate.shape, dtype=_F32)
     lib.kvlens_silu_mul(n_rows, d, g.data_ptr(), ldg, u.data_ptr(), ldu, out.data_ptr())
     return out
-
-
-_ATTENTION_MAX_GROUP, _ATTENTION_MAX_D_HEAD, _ATTENTION_CHUNK = 8, 256, 256  # as in attention.c
 
 
 def decode_attention(
@@ -282,7 +299,8 @@ def decode_attention(
     Args:
         q: Queries (any strides with a contiguous last axis).
         k: Keys, e.g. views of the cache's storage; query head ``h`` reads key head
-            ``h // (n_heads / n_kv)`` (at most 8 query heads per key head; ``d_head <= 256``).
+            ``h // (n_heads / n_kv)`` (at most the library's ``attention_max_group`` query heads
+            per key head, 8, and ``d_head`` at most its ``attention_max_d_head``, 256).
         v: Values, with the shape and strides of ``k``.
         mask: Bool ``[batch, 1, 1, kv_pos]``, True where the query may attend; a row with no
             allowed key gets zeros.
@@ -316,13 +334,17 @@ def decode_attention_lse(
 def _decode_attention(
     q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, threads: int | None, with_lse: bool
 ) -> tuple[Tensor, Tensor | None] | None:
+    native = _native()
+    if native is None:
+        return None
+    lib, lim = native
     batch, n_heads, n_new, d_head = q.shape
     if n_new != 1 or k.dim() != 4 or k.shape != v.shape or k.stride() != v.stride():
         return None
     n_kv, kv_len = k.shape[1], k.shape[2]
     if k.shape[0] != batch or k.shape[3] != d_head or kv_len == 0 or n_heads % n_kv:
         return None
-    if n_heads // n_kv > _ATTENTION_MAX_GROUP or d_head > _ATTENTION_MAX_D_HEAD:
+    if n_heads // n_kv > lim.attention_max_group or d_head > lim.attention_max_d_head:
         return None
     if q.stride(-1) != 1 or k.stride(-1) != 1 or not (_plain(q) and _plain(k) and _plain(v)):
         return None
@@ -333,14 +355,9 @@ def _decode_attention(
         or not mask.is_cpu
     ):
         return None
-    lib = library()
-    if lib is None:
-        return None
-    group = n_heads // n_kv
-    chunks = -(-kv_len // _ATTENTION_CHUNK)
     out = torch.empty(batch, 1, n_heads, d_head, dtype=_F32)
     lse = torch.empty(batch, n_heads, 1, dtype=_F32) if with_lse else None
-    scratch = _scratch(batch * n_kv * chunks * group * (d_head + 2))
+    scratch = _scratch(lib.kvlens_decode_attention_scratch(batch, n_heads, n_kv, d_head, kv_len))
     lib.kvlens_decode_attention(
         batch,
         n_heads,

@@ -20,8 +20,8 @@ typedef float vec16 __attribute__((vector_size(64)));
 typedef float vec16u __attribute__((vector_size(64), aligned(4))); /* unaligned access */
 typedef int32_t ivec16 __attribute__((vector_size(64)));
 
-#define MAX_GROUP 8  /* query heads per key head handled together */
-#define MAX_DHEAD 256
+#define MAX_GROUP KVLENS_ATTENTION_MAX_GROUP /* query heads per key head handled together */
+#define MAX_DHEAD KVLENS_ATTENTION_MAX_D_HEAD
 #define CHUNK 256    /* keys per work item */
 
 static inline vec16 splat(float a) { return (vec16){0} + a; }

@@ -19,8 +19,14 @@ descriptor). An unsafe cache directory (another owner, group or world writable) 
 the build then goes to a fresh private temporary directory, with a warning. Builds of one key
 are serialised by a lock on the directory, so concurrent processes compile once.
 
+The C side owns its limits and the layout of the struct Python fills (``limits.c``): the loader
+reads them (:func:`read_limits`) and the kernels' Python side uses them instead of copies. A
+library whose ``kvlens_layer`` is not laid out as :mod:`kvlens.kernels.layer`'s ctypes mirror, or
+whose limits cannot be read, is not used, with a warning naming the difference.
+
 :func:`library` returns ``None`` (and torch does the work) with no compiler, a failed build or
-load, or ``KVLENS_NATIVE=0`` in the environment; it never raises.
+load, a build that disagrees with the Python side, or ``KVLENS_NATIVE=0`` in the environment; it
+never raises.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +55,18 @@ MANIFEST_SUFFIX = ".sha256"
 _OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 _lock = threading.Lock()
 _state: dict[str, ctypes.CDLL | None] = {}
+
+
+class Limits(NamedTuple):
+    """The kernels' limits, as the loaded library reports them (``KVLENS_*`` in kernels.h)."""
+
+    max_rows: int  # more rows than this (a prefill) go to torch
+    single_thread_bytes: int  # products with smaller weights run on one thread
+    attention_max_group: int  # query heads per key head the native attention takes
+    attention_max_d_head: int  # the widest head it takes
+
+
+_limits: dict[int, tuple[ctypes.CDLL, Limits]] = {}
 
 
 def cache_dir() -> Path:
@@ -321,8 +340,40 @@ def _declare(lib: ctypes.CDLL) -> None:
     for name, argtypes in signatures.items():
         fn = getattr(lib, name)
         fn.restype, fn.argtypes = None, argtypes
-    lib.kvlens_decode_layer_workspace.restype = i64
-    lib.kvlens_decode_layer_workspace.argtypes = [ptr]
+    counts = {
+        "kvlens_decode_layer_workspace": [ptr],
+        "kvlens_matmul_scratch": [i64, i64, i32],
+        "kvlens_decode_attention_scratch": [i64] * 5,
+        "kvlens_layer_size": [],
+        **{f"kvlens_{name}": [] for name in Limits._fields},
+    }
+    for name, argtypes in counts.items():
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = i64, argtypes
+    out = ctypes.POINTER(ctypes.c_int64)
+    lib.kvlens_layer_field.restype = ctypes.c_char_p
+    lib.kvlens_layer_field.argtypes = [i64, out, out]
+
+
+def read_limits(lib: ctypes.CDLL) -> Limits:
+    """The limits ``lib`` reports, read from it once (later calls return the same object)."""
+    seen = _limits.get(id(lib))
+    if seen is not None and seen[0] is lib:
+        return seen[1]
+    limits = Limits(*(getattr(lib, f"kvlens_{name}")() for name in Limits._fields))
+    _limits[id(lib)] = (lib, limits)  # holds lib, so its id is not reused
+    return limits
+
+
+def disagreement(lib: ctypes.CDLL) -> str | None:
+    """How the library's limits or struct layout disagree with the Python side, or ``None``."""
+    from kvlens.kernels.layer import layout_problem  # layer.py imports this module
+
+    limits = read_limits(lib)
+    bad = [f"{name} = {value}" for name, value in limits._asdict().items() if value <= 0]
+    if bad:
+        return f"it reports impossible limits ({', '.join(bad)})"
+    return layout_problem(lib)
 
 
 def load() -> ctypes.CDLL | None:
@@ -343,9 +394,15 @@ def load() -> ctypes.CDLL | None:
     try:
         lib = _dlopen(compiler)
         _declare(lib)
+        problem = disagreement(lib)
     except (OSError, AttributeError, subprocess.SubprocessError) as error:
         detail = getattr(error, "stderr", "") or error
         logger.warning("kvlens: native kernels unavailable, using torch (%s)", detail)
+        return None
+    if problem is not None:
+        # Filling a struct C reads at other offsets, or a buffer sized by another limit, would
+        # silently overwrite memory: this build and this Python code do not belong together.
+        logger.warning("kvlens: not using the native kernels, using torch: %s", problem)
         return None
     if before and len(_openmp_runtimes()) > len(before):
         # A second OpenMP runtime would run its own thread pool beside torch's, and two pools

@@ -10,8 +10,19 @@
 #define KVLENS_KERNELS_H
 #include <stdint.h>
 
-/* Products with weights smaller than this run on one thread (as in kvlens/kernels/__init__.py). */
+/* The kernels' limits. Python never copies these: limits.c exports them and
+ * kvlens/kernels/build.py reads them from the loaded library. */
+
+/* Inputs with more rows than this (a prefill) go to torch. Up to 32 rows the native product is
+ * well ahead of MKL's; at 64 they are close (benchmarks/bench_matvec.py times both). matmul.c
+ * needs it to be at most 512 (its accumulator block holds 16 columns of every row). */
+#define KVLENS_MAX_ROWS 32
+/* Products with weights smaller than this run on one thread. */
 #define KVLENS_SINGLE_THREAD_BYTES (256 * 1024)
+/* Attention (attention.c) handles at most this many query heads per key head, and heads at most
+ * this wide: its per-chunk buffers live on the stack with these sizes. */
+#define KVLENS_ATTENTION_MAX_GROUP 8
+#define KVLENS_ATTENTION_MAX_D_HEAD 256
 
 /* y = x @ W (+ b) on the first t threads of the team (t <= team size, the same on every thread).
  * scratch: (t - 1) * M * N floats. */
@@ -46,4 +57,27 @@ void kvlens_activation(int64_t rows, int64_t d, const float *x, int64_t ldx, flo
                        int kind);
 void kvlens_silu_mul(int64_t rows, int64_t d, const float *gate, int64_t ldg, const float *up,
                      int64_t ldu, float *out);
+/* kvlens_decode_layer's argument (layer.c), mirrored field for field by kvlens/kernels/layer.py
+ * (ctypes), which checks its mirror against kvlens_layer_size and kvlens_layer_field (limits.c). */
+typedef struct {
+    int64_t rows, d_model, n_heads, n_kv, d_head, d_mlp, rotary_half;
+    int64_t pos;            /* the new key and value go to this position; attention reads 0..pos */
+    int64_t s_b, s_h, s_p;  /* strides of the cache's keys and values, in floats */
+    int64_t ms_b, cos_row;  /* mask row stride (bytes), cos/sin row stride (0: one shared row) */
+    float eps, scale;
+    int32_t adjacent, threads;
+    int32_t layer_norm;     /* 1: LayerNorm (with ln*_b), 0: RMSNorm */
+    int32_t gated;          /* 1: w_in is [d_model, 2 d_mlp] gate then input, SiLU; 0: plain */
+    int32_t act;            /* the plain MLP's activation, KVLENS_ACT_* */
+    int32_t parallel;       /* 1: attention and MLP both read x (GPT-NeoX) */
+    const float *x;         /* [rows, d_model], the residual stream entering the layer */
+    float *out;             /* [rows, d_model], leaving it */
+    const float *ln1_w, *ln1_b, *w_qkv, *b_qkv, *w_o, *b_o;
+    const float *ln2_w, *ln2_b, *w_in, *b_in, *w_out, *b_out;
+    const float *cos, *sin; /* rotary angles, NULL for a model without rotary */
+    float *k_cache, *v_cache;
+    const uint8_t *mask;    /* [rows, pos + 1] with row stride ms_b, or NULL */
+    float *work;            /* kvlens_decode_layer_workspace(...) floats */
+} kvlens_layer;
+
 #endif

@@ -16,28 +16,6 @@
 
 #include "kernels.h"
 
-/* Mirrored field for field by kvlens/kernels/layer.py (ctypes). */
-typedef struct {
-    int64_t rows, d_model, n_heads, n_kv, d_head, d_mlp, rotary_half;
-    int64_t pos;            /* the new key and value go to this position; attention reads 0..pos */
-    int64_t s_b, s_h, s_p;  /* strides of the cache's keys and values, in floats */
-    int64_t ms_b, cos_row;  /* mask row stride (bytes), cos/sin row stride (0: one shared row) */
-    float eps, scale;
-    int32_t adjacent, threads;
-    int32_t layer_norm;     /* 1: LayerNorm (with ln*_b), 0: RMSNorm */
-    int32_t gated;          /* 1: w_in is [d_model, 2 d_mlp] gate then input, SiLU; 0: plain */
-    int32_t act;            /* the plain MLP's activation, KVLENS_ACT_* */
-    int32_t parallel;       /* 1: attention and MLP both read x (GPT-NeoX) */
-    const float *x;         /* [rows, d_model], the residual stream entering the layer */
-    float *out;             /* [rows, d_model], leaving it */
-    const float *ln1_w, *ln1_b, *w_qkv, *b_qkv, *w_o, *b_o;
-    const float *ln2_w, *ln2_b, *w_in, *b_in, *w_out, *b_out;
-    const float *cos, *sin; /* rotary angles, NULL for a model without rotary */
-    float *k_cache, *v_cache;
-    const uint8_t *mask;    /* [rows, pos + 1] with row stride ms_b, or NULL */
-    float *work;            /* kvlens_decode_layer_workspace(...) floats */
-} kvlens_layer;
-
 static int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
 
 static int64_t qkv_width(const kvlens_layer *L) { return (L->n_heads + 2 * L->n_kv) * L->d_head; }

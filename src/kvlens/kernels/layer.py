@@ -18,16 +18,14 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from kvlens.kernels import ACTIVATIONS, MAX_ROWS, _plain, _scratch
-from kvlens.kernels.build import library
+from kvlens.kernels import ACTIVATIONS, _native, _plain, _scratch
 
 _F32 = torch.float32
-_MAX_GROUP, _MAX_D_HEAD = 8, 256  # as in attention.c
 _local = threading.local()  # one argument struct per thread: ctypes releases the GIL
 
 
 class _Layer(ctypes.Structure):
-    """``kvlens_layer`` of layer.c, field for field."""
+    """``kvlens_layer`` of kernels.h, field for field (checked by :func:`layout_problem`)."""
 
     _fields_ = [
         *((name, ctypes.c_int64) for name in ("rows", "d_model", "n_heads", "n_kv", "d_head")),
@@ -42,6 +40,41 @@ class _Layer(ctypes.Structure):
         *((name, ctypes.c_void_p) for name in ("w_out", "b_out", "cos", "sin", "k_cache")),
         *((name, ctypes.c_void_p) for name in ("v_cache", "mask", "work")),
     ]
+
+
+def layout_problem(lib: ctypes.CDLL) -> str | None:
+    """How :class:`_Layer` differs from the library's ``kvlens_layer``, or ``None`` if it does not.
+
+    Compares the struct's size and each field's name, offset and size with what the library
+    reports (limits.c); :mod:`kvlens.kernels.build` refuses a library for which this is not
+    ``None``.
+    """
+    offset, size = ctypes.c_int64(), ctypes.c_int64()
+    native: dict[str, tuple[int, int]] = {}
+    while name := lib.kvlens_layer_field(len(native), ctypes.byref(offset), ctypes.byref(size)):
+        native[name.decode()] = (offset.value, size.value)
+    mirror: dict[str, tuple[int, int]] = {}
+    for name, *_ in _Layer._fields_:
+        field = getattr(_Layer, name)
+        mirror[name] = (field.offset, field.size)
+    if native.keys() != mirror.keys():
+        return (
+            f"kvlens_layer's fields {sorted(native.keys() - mirror.keys())} are only in the "
+            f"library, {sorted(mirror.keys() - native.keys())} only in kvlens/kernels/layer.py"
+        )
+    for name, (at, width) in native.items():
+        if mirror[name] != (at, width):
+            return (
+                f"kvlens_layer.{name} is {width} bytes at offset {at} in the library, "
+                f"{mirror[name][1]} bytes at offset {mirror[name][0]} in kvlens/kernels/layer.py"
+            )
+    c_size = lib.kvlens_layer_size()
+    if c_size != ctypes.sizeof(_Layer):
+        return (
+            f"kvlens_layer has {c_size} bytes in the library, "
+            f"{ctypes.sizeof(_Layer)} in kvlens/kernels/layer.py"
+        )
+    return None
 
 
 class LayerWeights(NamedTuple):
@@ -108,9 +141,9 @@ def decode_layer(
 
     Writes the new token's key and value (after rotary) into ``keys[:, :, pos]`` and
     ``values[:, :, pos]`` and attends over positions ``0..pos``; the caller commits the position.
-    Returns ``None``, having written nothing, for input it does not take: no library, more than
-    32 rows, a dtype other than float32, tensors not contiguous on the CPU, autograd, or an
-    attention shape the native attention does not handle.
+    Returns ``None``, having written nothing, for input it does not take: no library, more rows
+    than the library's ``max_rows``, a dtype other than float32, tensors not contiguous on the
+    CPU, autograd, or an attention shape the native attention does not handle.
 
     Args:
         x: The residual stream entering the layer, one new token per row.
@@ -128,9 +161,15 @@ def decode_layer(
         return None
     batch, n_new, d_model = x.shape
     n_kv, capacity = keys.shape[1], keys.shape[2]
-    if n_new != 1 or not 0 < batch <= MAX_ROWS or not 0 <= pos < capacity:
+    native = _native()
+    if native is None:
         return None
-    if n_heads % n_kv or n_heads // n_kv > _MAX_GROUP or d_head > _MAX_D_HEAD:
+    lib, limits = native
+    if n_new != 1 or not 0 < batch <= limits.max_rows or not 0 <= pos < capacity:
+        return None
+    if n_heads % n_kv or n_heads // n_kv > limits.attention_max_group:
+        return None
+    if d_head > limits.attention_max_d_head:
         return None
     w = weights
     if w.w_qkv is None or w.w_in is None or w.w_out is None:
@@ -170,9 +209,6 @@ def decode_layer(
         or mask.stride(-1) != 1
         or not mask.is_cpu
     ):
-        return None
-    lib = library()
-    if lib is None:
         return None
     layer = getattr(_local, "layer", None)
     if layer is None:

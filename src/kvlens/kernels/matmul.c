@@ -26,6 +26,7 @@
 
 #define BLOCK_FLOATS 8192 /* accumulator block: M * block width <= 8192 floats = 32 KB */
 #define SPLIT_COLUMNS_MIN 4096 /* columns per thread from which the column split is used */
+_Static_assert(KVLENS_MAX_ROWS * 16 <= BLOCK_FLOATS, "band() needs 16 columns of every row");
 
 static int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
@@ -141,4 +142,9 @@ void kvlens_matmul_small(int64_t M, int64_t K, int64_t N, const float *x, int64_
     if (threads < 1) threads = 1;
 #pragma omp parallel num_threads(threads)
     kvlens__matmul_team(M, K, N, x, ldx, W, b, y, scratch, omp_get_num_threads());
+}
+
+/* Floats of scratch kvlens_matmul_small needs for M rows, N columns and `threads` threads. */
+int64_t kvlens_matmul_scratch(int64_t M, int64_t N, int threads) {
+    return threads > 1 && N < SPLIT_COLUMNS_MIN * (int64_t)threads ? (threads - 1) * M * N : 0;
 }

@@ -111,7 +111,7 @@ def test_init_cache_capacity_preallocates_every_layer_and_the_mask():
     cache = KeyValueCache.init_cache(tiny_cfg(), "cpu", BATCH, capacity=20)
     assert cache.capacity == 20
     assert all(e.capacity == 20 for e in cache.entries)
-    assert cache._mask.shape[1] >= 20
+    assert cache._mask.capacity >= 20
 
 
 def test_aliases():
@@ -228,12 +228,12 @@ def test_frozen_append_attention_mask_returns_full_but_does_not_store(cache):
 
 def test_attention_mask_is_a_view_and_grows_geometrically(cache):
     reallocations = 0
-    ptr = cache._mask.data_ptr()
+    ptr = cache._mask.storage.data_ptr()
     for _ in range(500):
         cache.append_attention_mask(torch.ones(BATCH, 1, dtype=torch.long))
-        reallocations += cache._mask.data_ptr() != ptr
-        ptr = cache._mask.data_ptr()
-        assert cache.previous_attention_mask._base is cache._mask
+        reallocations += cache._mask.storage.data_ptr() != ptr
+        ptr = cache._mask.storage.data_ptr()
+        assert cache.previous_attention_mask._base is cache._mask.storage
     assert reallocations <= 6  # 16, 32, ..., 512
     assert cache.previous_attention_mask.shape == (BATCH, 500)
 
@@ -289,17 +289,17 @@ def test_bad_mask_raises_and_changes_nothing(mask, error, words, frozen):
     cache = KeyValueCache.init_cache(tiny_cfg(), "cpu", BATCH)
     cache.append_attention_mask(torch.ones(BATCH, 16, dtype=torch.long))  # storage now full
     cache.frozen = frozen
-    storage, contents = cache._mask, cache._mask.clone()
+    storage, contents = cache._mask.storage, cache._mask.storage.clone()
     length = cache.previous_attention_mask.shape[1]
     with pytest.raises(error) as info:
         cache.append_attention_mask(mask)
     message = str(info.value)
     for word in words:
         assert word in message, f"{word!r} missing from {message!r}"
-    assert cache._mask is storage
-    assert torch.equal(cache._mask, contents)
+    assert cache._mask.storage is storage
+    assert torch.equal(cache._mask.storage, contents)
     assert cache.previous_attention_mask.shape[1] == length
-    assert cache._mask.shape[1] == storage.shape[1]
+    assert cache._mask.capacity == storage.shape[1]
 
 
 # Facts and reserve --------------------------------------------------------------------------------
@@ -312,7 +312,7 @@ def test_reserve_preallocates_every_layer_and_the_mask(cache):
         entry.append(keys, values)
     cache.reserve(100)
     assert cache.capacity >= 100
-    assert cache._mask.shape[1] >= 100
+    assert cache._mask.capacity >= 100
     pointers = [e._keys.data_ptr() for e in cache.entries]
     for _ in range(97):
         cache.append_attention_mask(torch.ones(BATCH, 1, dtype=torch.long))

@@ -96,7 +96,7 @@ class CacheMachine(RuleBasedStateMachine):
         for entry in old.entries:
             entry._keys.fill_(7.0)
             entry._values.fill_(7.0)
-        old._mask.fill_(3)
+        old._mask.storage.fill_(3)
 
     @rule(data=st.data())
     def select(self, data):

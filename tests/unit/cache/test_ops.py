@@ -1,4 +1,4 @@
-"""Tests for ``kvlens.cache.ops``: clone, select, repeat_interleave, crop, reset."""
+"""Tests for the cache's operations (its methods): clone, select, repeat_interleave, crop, reset."""
 
 from __future__ import annotations
 
