@@ -14,18 +14,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from kvlens.generate import decode_step, prefill
+from kvlens.decode import decode_step, prefill
+from kvlens.generation_config import EarlyStopping
 
 if TYPE_CHECKING:
     from kvlens.model import HookedTransformer
 
-EarlyStopping = bool | Literal["never"]
 _MASKED = -1.0e9
 
 

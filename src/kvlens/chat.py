@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from kvlens.cache import KeyValueCache
-from kvlens.generate import decode_step, prefill
+from kvlens.decode import decode_step, prefill
 from kvlens.sampling import SamplingConfig, sample_logits
 from kvlens.tokens import stream_decode
 

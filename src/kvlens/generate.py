@@ -1,182 +1,40 @@
-"""Generation: prefill once, then one decode step per token through the key-value cache.
+"""The model's ``generate`` and ``generate_stream`` (``GenerationMixin``), TransformerLens's API.
 
-The loop is small free functions (``prefill``, ``decode_step``, ``generate_tokens``); the
-model's ``generate`` and ``generate_stream`` methods (``GenerationMixin``) turn text into tokens
-and back around them.
+They turn text into tokens and TransformerLens's keyword arguments into one
+:class:`~kvlens.generation_config.GenerationConfig`, then run the decode loop
+(:mod:`kvlens.decode`) or a strategy (:mod:`kvlens.strategies`), and turn tokens back into text.
+The loop's functions are re-exported here (``from kvlens.generate import prefill`` keeps working).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from kvlens.cache import KeyValueCache, SharedPrefixCache
-from kvlens.cache.shared import is_shareable_prefix
-from kvlens.sampling import SamplingConfig, sample_logits
+from kvlens.cache import KeyValueCache
+from kvlens.decode import decode_step, generate_tokens, last_position_logits, left_align, prefill
+from kvlens.generation_config import GenerationConfig
+from kvlens.sampling import SamplingConfig
+from kvlens.strategies import strategy_new_tokens
 from kvlens.tokens import PaddingSide, pad_token_id
 
-if TYPE_CHECKING:
-    from kvlens.model import HookedTransformer
+__all__ = [
+    "GenerateReturnType",
+    "GenerationConfig",
+    "GenerationMixin",
+    "decode_step",
+    "generate_tokens",
+    "last_position_logits",
+    "left_align",
+    "prefill",
+]
 
 GenerateReturnType = Literal["input", "str", "tokens"]  # what generate returns
-
-
-@torch.no_grad()
-def last_position_logits(
-    model: HookedTransformer,
-    tokens: Int[Tensor, "batch pos"],
-    attention_mask: Int[Tensor, "batch pos"] | None,
-    cache: KeyValueCache | SharedPrefixCache | None,
-) -> Float[Tensor, "batch d_vocab"]:
-    """Run ``tokens`` (after what ``cache`` holds) and return the logits of the last position.
-
-    Only the last position is unembedded: for a long prompt that skips most of the largest
-    matrix product of the prefill. ``attention_mask=None`` means every token is real (no
-    padding is guessed from pad tokens, unlike a forward pass with a cache).
-    """
-    if attention_mask is None:
-        attention_mask = torch.ones_like(tokens)
-    resid = model(
-        tokens,
-        past_kv_cache=cache,
-        attention_mask=attention_mask,
-        stop_at_layer=model.cfg.n_layers,
-    )
-    resid = resid[:, -1:]
-    if model.cfg.final_norm:
-        resid = model.ln_final(resid)
-    return model.unembed(resid)[:, 0]
-
-
-def prefill(
-    model: HookedTransformer,
-    tokens: Int[Tensor, "batch pos"],
-    attention_mask: Int[Tensor, "batch pos"] | None = None,
-    cache: KeyValueCache | None = None,
-    capacity: int = 0,
-) -> tuple[Float[Tensor, "batch d_vocab"], KeyValueCache]:
-    """Fill a cache with ``tokens`` (a new cache unless one is given).
-
-    ``attention_mask=None`` means every token is real.
-
-    Returns:
-        The logits of the last position and the cache.
-    """
-    if cache is None:
-        cache = KeyValueCache.init_cache(model.cfg, model.cfg.device, tokens.shape[0], capacity)
-    else:
-        cache.reserve(cache.seq_len + capacity)
-    return last_position_logits(model, tokens, attention_mask, cache), cache
-
-
-@torch.no_grad()
-def decode_step(
-    model: HookedTransformer,
-    token: Int[Tensor, " batch"],
-    cache: KeyValueCache | SharedPrefixCache,
-    real: Int[Tensor, "batch 1"] | None = None,
-) -> Float[Tensor, "batch d_vocab"]:
-    """Feed one token per row and return the next logits; the cache grows by one position.
-
-    Args:
-        model: The model.
-        token: The new token of each row. It is real even when it is the pad token (a
-            generated EOS that doubles as the pad token stays visible to later tokens).
-        cache: The cache to read and extend.
-        real: All ones ``[batch, 1]``, the token's mask, made once by a caller that steps many
-            times (default: made here).
-    """
-    column = token[:, None]
-    mask = real if real is not None else torch.ones_like(column)
-    return model(column, past_kv_cache=cache, attention_mask=mask)[:, -1]
-
-
-def left_align(
-    tokens: Int[Tensor, "batch pos"], attention_mask: Int[Tensor, "batch pos"]
-) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]:
-    """Move each row's padding to its start, keeping its real tokens in order.
-
-    Pad tokens take no position and no token attends to them, so a row means the same wherever
-    its pads sit; with every pad in front, the last position of each row is its last real token,
-    where its next token is read.
-    """
-    order = (attention_mask != 0).to(torch.int32).argsort(dim=1, stable=True)
-    return tokens.gather(1, order), attention_mask.gather(1, order)
-
-
-def generate_tokens(
-    model: HookedTransformer,
-    tokens: Int[Tensor, "batch pos"],
-    max_new_tokens: int,
-    sampling: SamplingConfig,
-    attention_mask: Int[Tensor, "batch pos"] | None = None,
-    eos_token_ids: Sequence[int] = (),
-    pad_token_id: int = 0,
-    use_past_kv_cache: bool = True,
-    past_kv_cache: KeyValueCache | None = None,
-    generator: torch.Generator | None = None,
-) -> Iterator[Int[Tensor, " batch"]]:
-    """Yield each step's new token of every row.
-
-    Each row gives what it gives alone: padding may sit anywhere in ``attention_mask`` (left,
-    right, or both); it is moved to the front of each row first (:func:`left_align`).
-    ``attention_mask=None`` means every token is real. A row that produced an EOS (when
-    ``eos_token_ids`` is not empty) yields ``pad_token_id`` from then on; generation ends when
-    every row has, or after ``max_new_tokens``.
-    """
-    batch = tokens.shape[0]
-    device = tokens.device
-    if attention_mask is None:
-        attention_mask = torch.ones_like(tokens)
-    else:
-        tokens, attention_mask = left_align(tokens, attention_mask.to(device))
-    counts = None
-    if sampling.freq_penalty > 0 and not sampling.greedy:
-        counts = torch.zeros((batch, model.cfg.d_vocab), device=device)
-        counts.scatter_add_(1, tokens, attention_mask.to(counts.dtype))
-    eos = torch.tensor(list(eos_token_ids), dtype=torch.long, device=device)
-    finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    real = torch.ones((batch, 1), dtype=torch.int32, device=device)  # every new token's mask
-    cache: KeyValueCache | SharedPrefixCache
-    if use_past_kv_cache and is_shareable_prefix(past_kv_cache):
-        # Every row continues the frozen prefix, which stays as it is; the rows' own tokens go
-        # into a suffix cache after it.
-        cache = SharedPrefixCache.from_prefix(
-            past_kv_cache, batch, tokens.shape[1] + max_new_tokens
-        )
-        logits = last_position_logits(model, tokens, attention_mask, cache)
-    elif use_past_kv_cache:
-        logits, cache = prefill(
-            model, tokens, attention_mask, past_kv_cache, tokens.shape[1] + max_new_tokens
-        )
-    else:
-        if past_kv_cache is not None:
-            raise ValueError("past_kv_cache needs use_past_kv_cache=True")
-        all_tokens, all_mask = tokens, attention_mask
-        logits = last_position_logits(model, all_tokens, all_mask, None)
-    for step in range(max_new_tokens):
-        token = sample_logits(logits, sampling, counts, generator)
-        if eos.numel():
-            token = torch.where(finished, torch.full_like(token, pad_token_id), token)
-            finished |= torch.isin(token, eos)
-        if counts is not None:
-            counts.scatter_add_(
-                1, token[:, None], torch.ones_like(token[:, None], dtype=counts.dtype)
-            )
-        yield token
-        if step == max_new_tokens - 1 or (eos.numel() and bool(finished.all())):
-            return
-        if use_past_kv_cache:
-            logits = decode_step(model, token, cache, real)
-        else:
-            all_tokens = torch.cat([all_tokens, token[:, None]], dim=1)
-            all_mask = torch.cat([all_mask, real.to(all_mask.dtype)], dim=1)
-            logits = last_position_logits(model, all_tokens, all_mask, None)
 
 
 class GenerationMixin:
@@ -194,9 +52,10 @@ class GenerationMixin:
         max_new_tokens: int,
         past_kv_cache: KeyValueCache | None,
     ) -> tuple[Tensor, Tensor]:
-        """The prompt's tokens and mask, checked against the context length."""
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        """The prompt's tokens and mask, checked against the context length.
+
+        ``max_new_tokens`` comes from a :class:`GenerationConfig`, which has checked it.
+        """
         if isinstance(input, str) or (
             isinstance(input, Sequence) and not isinstance(input, Tensor)
         ):
@@ -248,6 +107,49 @@ class GenerationMixin:
                 raise ValueError("stop_at_eos=True needs eos_token_id (the model has no tokenizer)")
         return [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
 
+    def _generation_options(
+        self, stop_at_eos: bool, eos_token_id: int | Sequence[int] | None, **fields: Any
+    ) -> GenerationConfig:
+        """TransformerLens's arguments (and kvlens's) as one checked :class:`GenerationConfig`:
+        the EOS and pad ids from the tokenizer, the rest (``fields``) as given."""
+        return GenerationConfig(
+            eos_token_ids=tuple(self._eos_ids(eos_token_id, stop_at_eos)),
+            pad_token_id=pad_token_id(self.tokenizer) if self.tokenizer is not None else 0,
+            **fields,
+        )
+
+    def _stream(
+        self,
+        tokens: Tensor,
+        mask: Tensor,
+        options: GenerationConfig,
+        past_kv_cache: KeyValueCache | None,
+        seed: int | None,
+        generator: torch.Generator | None,
+    ) -> Iterator[Int[Tensor, " batch"]]:
+        """The decode loop's tokens; if a step raises, ``past_kv_cache`` goes back to its state at
+        the first step (closing the stream early keeps what was fed)."""
+        if generator is None and seed is not None:
+            generator = torch.Generator(device=tokens.device).manual_seed(seed)
+        state = past_kv_cache.checkpoint() if isinstance(past_kv_cache, KeyValueCache) else None
+        # No inference_mode around the loop: a generator would leak it to the caller between
+        # yields. The model calls inside run under no_grad.
+        try:
+            yield from generate_tokens(
+                self,  # type: ignore[arg-type]
+                tokens,
+                mask,
+                options,
+                past_kv_cache,
+                generator,
+            )
+        except GeneratorExit:
+            raise  # closed by the consumer: the steps fed so far stay
+        except BaseException:
+            if past_kv_cache is not None and state is not None:
+                past_kv_cache.restore(state)
+            raise
+
     def generate_stream(
         self,
         input: str | Sequence[str] | Tensor = "",
@@ -273,34 +175,17 @@ class GenerationMixin:
         first step. Closing the stream early keeps what was fed (``past_kv_cache.tokens`` says
         what that is): the last token yielded is not in the cache yet.
         """
-        sampling = SamplingConfig(do_sample, temperature, top_k, top_p, freq_penalty)
+        options = self._generation_options(
+            stop_at_eos,
+            eos_token_id,
+            max_new_tokens=max_new_tokens,
+            sampling=SamplingConfig(do_sample, temperature, top_k, top_p, freq_penalty),
+            use_past_kv_cache=use_past_kv_cache,
+        )
         tokens, mask = self._generation_inputs(
             input, attention_mask, prepend_bos, padding_side, max_new_tokens, past_kv_cache
         )
-        if generator is None and seed is not None:
-            generator = torch.Generator(device=tokens.device).manual_seed(seed)
-        state = past_kv_cache.checkpoint() if isinstance(past_kv_cache, KeyValueCache) else None
-        # No inference_mode around the loop: a generator would leak it to the caller between
-        # yields. The model calls inside run under no_grad.
-        try:
-            yield from generate_tokens(
-                self,  # type: ignore[arg-type]
-                tokens,
-                max_new_tokens,
-                sampling,
-                attention_mask=mask,
-                eos_token_ids=self._eos_ids(eos_token_id, stop_at_eos),
-                pad_token_id=pad_token_id(self.tokenizer) if self.tokenizer is not None else 0,
-                use_past_kv_cache=use_past_kv_cache,
-                past_kv_cache=past_kv_cache,
-                generator=generator,
-            )
-        except GeneratorExit:
-            raise  # closed by the consumer: the steps fed so far stay
-        except BaseException:
-            if past_kv_cache is not None and state is not None:
-                past_kv_cache.restore(state)
-            raise
+        yield from self._stream(tokens, mask, options, past_kv_cache, seed, generator)
 
     def generate(
         self,
@@ -372,6 +257,19 @@ class GenerationMixin:
         """
         if return_type not in ("input", "str", "tokens"):
             raise ValueError(f"return_type must be 'input', 'str' or 'tokens', got {return_type!r}")
+        options = self._generation_options(
+            stop_at_eos,
+            eos_token_id,
+            max_new_tokens=max_new_tokens,
+            sampling=SamplingConfig(do_sample, temperature, top_k, top_p, freq_penalty),
+            use_past_kv_cache=use_past_kv_cache,
+            num_beams=num_beams,
+            length_penalty=length_penalty,
+            early_stopping=early_stopping,
+            draft_model=draft_model,
+            num_speculative_tokens=num_speculative_tokens,
+            stats=speculative_stats,
+        )
         tokens, mask = self._generation_inputs(
             input, attention_mask, prepend_bos, padding_side, max_new_tokens, past_kv_cache
         )
@@ -379,41 +277,16 @@ class GenerationMixin:
         # was at the call, so that a retry equals a clean run.
         state = past_kv_cache.checkpoint() if isinstance(past_kv_cache, KeyValueCache) else None
         try:
-            if num_beams > 1 or draft_model is not None:
-                from kvlens.strategies import strategy_new_tokens
-
+            if options.strategy is not None:
                 new = strategy_new_tokens(
                     self,  # type: ignore[arg-type]
                     tokens,
                     mask,
-                    max_new_tokens,
-                    do_sample,
-                    self._eos_ids(eos_token_id, stop_at_eos),
+                    options,
                     past_kv_cache,
-                    num_beams,
-                    length_penalty,
-                    early_stopping,
-                    draft_model,
-                    num_speculative_tokens,
-                    speculative_stats,
                 )
             else:
-                stream = self.generate_stream(
-                    tokens,
-                    max_new_tokens,
-                    stop_at_eos,
-                    eos_token_id,
-                    do_sample,
-                    top_k,
-                    top_p,
-                    temperature,
-                    freq_penalty,
-                    use_past_kv_cache,
-                    attention_mask=mask,
-                    past_kv_cache=past_kv_cache,
-                    seed=seed,
-                    generator=generator,
-                )
+                stream = self._stream(tokens, mask, options, past_kv_cache, seed, generator)
                 progress = tqdm(stream, total=max_new_tokens, disable=not verbose, desc="generate")
                 steps = list(progress)
                 new = torch.stack(steps, dim=1) if steps else tokens[:, :0]

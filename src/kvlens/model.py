@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
@@ -11,21 +10,25 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from kvlens.cache.cache import MASK_DTYPE, KeyValueCache
-from kvlens.cache.entry import KeyValueCacheEntry
+from kvlens.cache.cache import KeyValueCache
 from kvlens.cache.shared import SharedPrefixCache, share_frozen_prefix
-from kvlens.components.attention_context import AttentionContext, build_attention_context
 from kvlens.components.block import TransformerBlock
 from kvlens.components.embed import Embed
 from kvlens.components.norm import make_norm
-from kvlens.components.positions import PosEmbed, RotaryEmbedding, positions_from_mask
+from kvlens.components.positions import PosEmbed, RotaryEmbedding
 from kvlens.components.unembed import Unembed
 from kvlens.config import ModelConfig
 from kvlens.devices import get_device_for_block_index
 from kvlens.generate import GenerationMixin
 from kvlens.hooks import HookedRootModule, HookPoint
 from kvlens.loss import lm_cross_entropy_loss
-from kvlens.shared_prefix import prepare_shared_prefix
+from kvlens.prepare import (
+    Prepared,
+    check_cache,
+    check_residual,
+    prepare_pass,
+    tokens_from_input,
+)
 from kvlens.tokens import PaddingSide, TokenizerMixin
 
 if TYPE_CHECKING:
@@ -40,16 +43,6 @@ class Output(NamedTuple):
 
     logits: Float[Tensor, "batch pos d_vocab"]
     loss: Tensor
-
-
-@dataclass(frozen=True)
-class _Prepared:
-    """Per-forward facts computed once and shared by every layer."""
-
-    ctx: AttentionContext
-    positions: Int[Tensor, "batch pos"]
-    pad_mask: Int[Tensor, "batch pos"] | None  # the new tokens' mask, when anything is padded
-    loss_mask: Int[Tensor, "batch pos"] | None  # the attention_mask the caller gave
 
 
 class _Stacked:
@@ -333,27 +326,28 @@ class HookedTransformer(TokenizerMixin, GenerationMixin, HookedRootModule):
                 attention_mask = text_mask
         if start_at_layer is None:
             # The single place `input` becomes token ids.
-            tokens = self._input_to_tokens(input)
+            tokens = tokens_from_input(input, self.embed.W_E.device)
             batch, n_new = tokens.shape
             if attention_mask is None and not text_input:
-                # Device work only: `_prepare`'s one host sync finds whether it masks anything.
+                # Device work only: `prepare_pass`'s one host sync finds whether it masks anything.
                 attention_mask = self._inferred_attention_mask(
                     tokens, past_kv_cache is not None, prepend_bos, padding_side
                 )
         else:
-            residual = self._check_residual(input)
+            residual = check_residual(input, self.cfg.d_model)
             batch, n_new = residual.shape[0], residual.shape[1]
         past_kv_cache = share_frozen_prefix(past_kv_cache, batch)
         first_layer = min(layers.start, self.cfg.n_layers - 1)
         if past_kv_cache is not None:
-            self._check_cache(past_kv_cache, batch, first_layer)
+            check_cache(self, past_kv_cache, batch, first_layer, self._block_devices())
         # All or nothing: if anything raises from here on (a hook, a kernel, an interrupt), the
         # cache goes back to this state, so a retry equals a clean run.
         owner = past_kv_cache.suffix if isinstance(past_kv_cache, SharedPrefixCache) else None
         owner = past_kv_cache if isinstance(past_kv_cache, KeyValueCache) else owner
         state = owner.checkpoint() if owner is not None else None
         try:
-            prep = self._prepare(
+            prep = prepare_pass(
+                self,
                 tokens if start_at_layer is None else None,
                 batch,
                 n_new,
@@ -381,7 +375,7 @@ class HookedTransformer(TokenizerMixin, GenerationMixin, HookedRootModule):
     def _run_blocks(
         self,
         residual: Float[Tensor, "batch pos d_model"],
-        prep: _Prepared,
+        prep: Prepared,
         layers: range,
         cache: KeyValueCache | SharedPrefixCache | None,
     ) -> Float[Tensor, "batch pos d_model"]:
@@ -389,10 +383,7 @@ class HookedTransformer(TokenizerMixin, GenerationMixin, HookedRootModule):
         for i in layers:
             if self.cfg.n_devices > 1:
                 device = get_device_for_block_index(i, self.cfg)
-                residual, prep = (
-                    residual.to(device),
-                    _Prepared(prep.ctx.to(device), prep.positions, prep.pad_mask, prep.loss_mask),
-                )
+                residual, prep = residual.to(device), prep.to(device)
             entry = cache[i] if cache is not None else None
             residual = self.blocks[i](residual, prep.ctx, entry)
         return residual
@@ -425,7 +416,7 @@ class HookedTransformer(TokenizerMixin, GenerationMixin, HookedRootModule):
             # Masked as tokenized: a pad-id token in the text (e.g. a final EOS) stays real.
             tokens, text_mask = self.to_tokens_and_mask(tokens)
             attention_mask = text_mask if attention_mask is None else attention_mask
-        tokens = self._input_to_tokens(tokens)
+        tokens = tokens_from_input(tokens, self.embed.W_E.device)
         batch, pos = tokens.shape
         cache = KeyValueCache.init_cache(self.cfg, self.cfg.device, batch, max(capacity, pos))
         self(tokens, return_type=None, past_kv_cache=cache, attention_mask=attention_mask)
@@ -451,98 +442,12 @@ class HookedTransformer(TokenizerMixin, GenerationMixin, HookedRootModule):
         loss = lm_cross_entropy_loss(logits, tokens, loss_mask, loss_per_token)
         return loss if return_type == "loss" else Output(logits, loss)
 
-    def _embed(self, tokens: Int[Tensor, "batch pos"], prep: _Prepared) -> Tensor:
+    def _embed(self, tokens: Int[Tensor, "batch pos"], prep: Prepared) -> Tensor:
         residual = self.hook_embed(self.embed(tokens))
         if self.cfg.positional_embedding_type == "standard":
             positions = prep.positions.expand(tokens.shape[0], -1)
             residual = residual + self.hook_pos_embed(self.pos_embed(positions, prep.pad_mask))
         return residual
-
-    # Per-forward preparation: positions, masks, validation ---------------------------------------
-
-    def _prepare(
-        self,
-        tokens: Tensor | None,
-        batch: int,
-        n_new: int,
-        attention_mask: Tensor | None,
-        cache: KeyValueCache | SharedPrefixCache | None,
-        first_layer: int,
-    ) -> _Prepared:
-        """Positions, masks and rotary angles for this pass, with its one host synchronisation."""
-        if isinstance(cache, SharedPrefixCache):
-            shared = prepare_shared_prefix(
-                self, tokens, batch, n_new, attention_mask, cache, first_layer
-            )
-            return _Prepared(*shared)
-        device = self.position_ids.device
-        new_mask = self._check_attention_mask(
-            attention_mask, batch, n_new, device, ones_if_none=cache is not None
-        )
-        full_mask, offset = self._full_mask(
-            new_mask, attention_mask is not None, cache, first_layer
-        )
-        has_padding = self._host_checks(tokens, full_mask)
-        if has_padding:
-            assert full_mask is not None
-            full_mask = full_mask.to(device)
-            positions = positions_from_mask(full_mask, n_new)
-            too_long = offset + n_new > self.cfg.n_ctx and int(positions.max()) >= self.cfg.n_ctx
-        else:
-            positions = self.position_ids[offset : offset + n_new].unsqueeze(0)
-            too_long = offset + n_new > self.cfg.n_ctx
-        if too_long:
-            raise ValueError(
-                f"positions reach {offset + n_new - 1} (cache {offset} + {n_new} new tokens), "
-                f"the model supports positions below n_ctx={self.cfg.n_ctx}"
-            )
-        rotary = self.rotary(positions) if self.cfg.positional_embedding_type == "rotary" else None
-        ctx = build_attention_context(n_new, offset + n_new, full_mask, has_padding, device, rotary)
-        pad_mask = full_mask[:, offset:] if has_padding and full_mask is not None else None
-        loss_mask = new_mask if attention_mask is not None else None
-        return _Prepared(ctx, positions, pad_mask, loss_mask)
-
-    def _check_cache(
-        self, cache: KeyValueCache | SharedPrefixCache, batch: int, first_layer: int
-    ) -> None:
-        """Raise before anything is written unless ``cache`` can take this pass.
-
-        Checks the weights' fingerprint (a cache filled by another model is refused), and for
-        every layer from ``first_layer`` on: one length for all of them, the batch size, key and
-        value heads, ``d_head``, dtype and device of its entry against its block.
-        """
-        if len(cache) != self.cfg.n_layers:
-            raise ValueError(
-                f"past_kv_cache has {len(cache)} layers, this model has {self.cfg.n_layers}"
-            )
-        if isinstance(cache, SharedPrefixCache):
-            cache.check_prefix()
-            if cache.batch_size != batch:
-                raise ValueError(
-                    f"past_kv_cache is shared by {cache.batch_size} rows, the input has {batch}"
-                )
-        own = self.weights_fingerprint()
-        filled = [cache.prefix, cache.suffix] if isinstance(cache, SharedPrefixCache) else [cache]
-        for part in filled:
-            if part.weights_fingerprint not in (None, own):
-                raise ValueError(
-                    "past_kv_cache was filled by another model: its keys and values come from "
-                    f"weights with fingerprint {part.weights_fingerprint}, this model's are "
-                    f"{own}; prefill a new cache with this model"
-                )
-        plain = cache.suffix if isinstance(cache, SharedPrefixCache) else cache
-        length = plain[first_layer].length
-        # This runs every decode step: one tuple comparison per layer against what the config
-        # says (kept in step with the weights by _apply); the exact check against the layer's
-        # weights, and its message, only where that comparison fails.
-        cfg = self.cfg
-        want = (length, batch, cfg.n_kv_heads, cfg.d_head, cfg.dtype)
-        devices = self._block_devices()
-        for i in range(first_layer, cfg.n_layers):
-            entry = plain.entries[i]
-            got = (entry.length, entry.batch_size, entry.n_kv_heads, entry.d_head, entry.dtype)
-            if got != want or entry.device != devices[i]:
-                _check_entry(i, entry, self.blocks[i].attn, batch, length)
 
     def _block_devices(self) -> list[torch.device]:
         """Each block's device as the config places it (computed once per config)."""
@@ -554,138 +459,7 @@ class HookedTransformer(TokenizerMixin, GenerationMixin, HookedRootModule):
             self._devices_of = self.cfg
         return self._devices
 
-    def _full_mask(
-        self,
-        new_mask: Tensor | None,
-        mask_given: bool,
-        cache: KeyValueCache | None,
-        first_layer: int,
-    ) -> tuple[Tensor | None, int]:
-        """The mask over cached and new tokens (extending the cache's), and the cache's length."""
-        if cache is None or new_mask is None:
-            return new_mask, 0
-        batch, n_new = new_mask.shape
-        if cache.batch_size != batch or len(cache) != self.cfg.n_layers:
-            raise ValueError(
-                f"past_kv_cache has batch size {cache.batch_size} and {len(cache)} layers, "
-                f"expected batch size {batch} (the input's) and n_layers={self.cfg.n_layers}"
-            )
-        offset = cache[first_layer].length
-        stored = cache.previous_attention_mask.shape[1]
-        if stored == offset:
-            # Staged: the stored length advances when the whole pass has run (forward commits).
-            return cache.append_attention_mask(new_mask, commit=False), offset
-        if first_layer > 0 and stored == offset + n_new:
-            # The blocks before first_layer already ran on these tokens with this cache (a
-            # stop_at_layer pass) and extended its mask: reuse it unless a mask is given now.
-            if not mask_given:
-                return cache.previous_attention_mask, offset
-            prefix = cache.previous_attention_mask[:, :offset]
-            return torch.cat((prefix, new_mask.to(prefix.device, MASK_DTYPE)), dim=1), offset
-        raise ValueError(
-            f"past_kv_cache's attention mask covers {stored} positions but its entry for layer "
-            f"{first_layer} holds {offset}; its layers were extended unevenly"
-        )
-
-    def _host_checks(self, tokens: Tensor | None, full_mask: Tensor | None) -> bool:
-        """Check token ids and find whether anything is padded, with one host sync."""
-        flags = []
-        if tokens is not None:
-            flags.append(((tokens < 0) | (tokens >= self.cfg.d_vocab)).any())
-        if full_mask is not None:
-            flags.append((full_mask == 0).any().to(flags[0].device if flags else full_mask.device))
-        if not flags:
-            return False
-        values = torch.stack(flags).tolist()
-        if tokens is not None and values[0]:
-            raise ValueError(
-                f"input holds token ids in [{int(tokens.min())}, {int(tokens.max())}], "
-                f"expected ids in [0, d_vocab={self.cfg.d_vocab})"
-            )
-        return bool(values[-1]) if full_mask is not None else False
-
-    def _input_to_tokens(self, input: Any) -> Int[Tensor, "batch pos"]:
-        if not isinstance(input, Tensor):
-            raise TypeError(f"input must be a tensor of token ids, got {type(input).__name__}")
-        if input.is_floating_point() or input.is_complex() or input.dtype == torch.bool:
-            raise TypeError(
-                f"input must hold integer token ids, got {input.dtype} (to feed a residual "
-                "stream, pass start_at_layer)"
-            )
-        if input.ndim == 1:
-            input = input.unsqueeze(0)
-        if input.ndim != 2 or input.shape[1] == 0:
-            raise ValueError(f"input must be [batch, pos] with pos >= 1, got {tuple(input.shape)}")
-        # Ids of any integer dtype (uint8, int16, ...) as int64: a range check in a narrow dtype
-        # would wrap (d_vocab=49152 does not fit int16).
-        return input.to(self.embed.W_E.device, torch.long)
-
-    def _check_residual(self, input: Any) -> Float[Tensor, "batch pos d_model"]:
-        if not isinstance(input, Tensor) or not input.is_floating_point():
-            raise TypeError("with start_at_layer, input must be a float residual stream tensor")
-        if input.ndim != 3 or input.shape[2] != self.cfg.d_model or input.shape[1] == 0:
-            raise ValueError(
-                f"with start_at_layer, input must be [batch, pos, d_model={self.cfg.d_model}], "
-                f"got {tuple(input.shape)}"
-            )
-        return input
-
-    def _check_attention_mask(
-        self,
-        mask: Tensor | None,
-        batch: int,
-        n_new: int,
-        device: torch.device,
-        ones_if_none: bool,
-    ) -> Tensor | None:
-        """The new tokens' mask, validated; all ones if none is given but a cache needs one."""
-        if mask is None:
-            if not ones_if_none:
-                return None
-            return torch.ones(batch, n_new, dtype=MASK_DTYPE, device=device)
-        if not isinstance(mask, Tensor) or mask.is_floating_point() or mask.is_complex():
-            got = mask.dtype if isinstance(mask, Tensor) else type(mask).__name__
-            raise TypeError(f"attention_mask must be an integer or bool tensor, got {got}")
-        if mask.ndim == 1 and batch == 1:
-            mask = mask.unsqueeze(0)
-        if tuple(mask.shape) != (batch, n_new):
-            raise ValueError(
-                f"attention_mask has shape {tuple(mask.shape)}, expected {(batch, n_new)} "
-                "(the input's [batch, pos])"
-            )
-        return mask if mask.device == device else mask.to(device)
-
 
 def _same_device(a: torch.device, b: torch.device) -> bool:
     """Whether two devices are one, reading a missing index as 0 (``"cuda"`` is ``"cuda:0"``)."""
     return a.type == b.type and (a.index or 0) == (b.index or 0)
-
-
-def _check_entry(layer: int, entry: KeyValueCacheEntry, attn: Any, batch: int, length: int) -> None:
-    """Raise unless ``entry`` fits layer ``layer``'s attention ``attn`` for ``batch`` rows."""
-    weight = attn.W_QKV
-    where = f"past_kv_cache's layer {layer}"
-    if entry.length != length:
-        raise ValueError(
-            f"{where} holds {entry.length} positions, its first layer {length}: its layers were "
-            "extended unevenly (reset() or crop() it to a common length)"
-        )
-    if entry.batch_size != batch:
-        raise ValueError(f"{where} has batch size {entry.batch_size}, the input has {batch}")
-    if (entry.n_kv_heads, entry.d_head) != (attn.n_kv_heads, attn.d_head):
-        raise ValueError(
-            f"{where} stores {entry.n_kv_heads} key/value heads of d_head {entry.d_head}, this "
-            f"model's layer {layer} has {attn.n_kv_heads} of d_head {attn.d_head}"
-        )
-    if entry.dtype != weight.dtype:
-        raise TypeError(
-            f"{where} stores {entry.dtype}, this model's layer {layer} computes in "
-            f"{weight.dtype}; build the cache from model.cfg (KeyValueCache.init_cache(model.cfg, "
-            "...)) after moving the model"
-        )
-    if entry.device != weight.device:
-        raise ValueError(
-            f"{where} is on {entry.device}, this model's layer {layer} is on {weight.device}; "
-            "build the cache from model.cfg (KeyValueCache.init_cache(model.cfg, ...)) after "
-            "moving the model"
-        )

@@ -18,7 +18,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from kvlens.cache import KeyValueCache
-from kvlens.generate import last_position_logits, prefill
+from kvlens.decode import last_position_logits, prefill
 
 if TYPE_CHECKING:
     from kvlens.model import HookedTransformer
