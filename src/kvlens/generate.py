@@ -303,7 +303,11 @@ class GenerationMixin:
         return texts[0] if isinstance(input, str) else texts
 
     def _decode_rows(self, tokens: Tensor, mask: Tensor, new: Tensor) -> list[str]:
-        """Each row's prompt (padding dropped) and new tokens (up to its EOS) as text."""
+        """Each row's prompt (padding dropped) and new tokens (up to its EOS) as text.
+
+        Special tokens (BOS, EOS, chat markers) are left out of the text, as TransformerLens's
+        ``generate`` decodes; ``return_type="tokens"`` keeps every id.
+        """
         tokenizer = self.tokenizer
         if tokenizer is None:
             raise ValueError("return_type='str' needs a tokenizer")
@@ -316,5 +320,7 @@ class GenerationMixin:
                 ids.append(t)
                 if t in eos:
                     break
-            texts.append(tokenizer.decode(ids, clean_up_tokenization_spaces=False))
+            texts.append(
+                tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+            )
         return texts
