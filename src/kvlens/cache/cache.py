@@ -23,7 +23,7 @@ class CacheCheckpoint(NamedTuple):
 
     entries: list[EntryCheckpoint]
     mask_length: int
-    tokens: Tensor | None
+    tokens: int | None  # positions in the token record, None when there was none
     weights_fingerprint: str | None
 
 
@@ -67,7 +67,10 @@ class KeyValueCache:
         # The config of the model that filled it (set by init_cache; save() stores its
         # fingerprint) and the tokens it holds, [batch, seq_len], when known (set by prefill).
         self.cfg: ModelConfig | None = None
-        self.tokens: Int[Tensor, "batch pos_so_far"] | None = None
+        # The token record is kept as chunks, joined when read: a decode step appends one
+        # column without copying the record (see the `tokens` property).
+        self._token_chunks: list[Tensor] | None = None
+        self._token_count = 0
         # A fingerprint of the weights of the model that filled it (HookedTransformer.
         # weights_fingerprint), set by its first forward pass; another model's is refused.
         self.weights_fingerprint: str | None = None
@@ -171,6 +174,21 @@ class KeyValueCache:
         """Advance the stored mask over what ``append_attention_mask(commit=False)`` wrote."""
         self._mask.commit(advance=not self.frozen)
 
+    @property
+    def tokens(self) -> Int[Tensor, "batch pos_so_far"] | None:
+        """The token ids the cache holds, ``[batch, seq_len]``, or ``None`` when not known."""
+        chunks = self._token_chunks
+        if chunks is None:
+            return None
+        if len(chunks) > 1:
+            chunks[:] = [torch.cat(chunks, dim=1)]
+        return chunks[0]
+
+    @tokens.setter
+    def tokens(self, tokens: Int[Tensor, "batch pos_so_far"] | None) -> None:
+        self._token_chunks = None if tokens is None else [tokens]
+        self._token_count = 0 if tokens is None else tokens.shape[1]
+
     def record_tokens(self, new_tokens: Int[Tensor, "batch new_tokens"] | None) -> None:
         """Keep :attr:`tokens` true after positions were appended (unless frozen).
 
@@ -181,13 +199,15 @@ class KeyValueCache:
         if self.frozen:
             return
         held = self.entries[0].length
+        chunks = self._token_chunks
         if new_tokens is None:
             self.tokens = None
-        elif self.tokens is not None:
-            self.tokens = torch.cat((self.tokens, new_tokens.to(self.tokens.device)), dim=1)
+        elif chunks is not None:
+            chunks.append(new_tokens.to(chunks[0].device))
+            self._token_count += new_tokens.shape[1]
         elif held == new_tokens.shape[1]:
             self.tokens = new_tokens.to(self.device)
-        if self.tokens is not None and self.tokens.shape[1] != held:
+        if self._token_chunks is not None and self._token_count != held:
             self.tokens = None  # the record no longer matches what the layers hold
 
     # All-or-nothing forward passes -----------------------------------------------------------
@@ -202,7 +222,7 @@ class KeyValueCache:
         return CacheCheckpoint(
             [entry.checkpoint() for entry in self.entries],
             self._mask.length,
-            self.tokens,
+            None if self._token_chunks is None else self._token_count,
             self.weights_fingerprint,
         )
 
@@ -215,7 +235,15 @@ class KeyValueCache:
         for entry, entry_state in zip(self.entries, state.entries, strict=True):
             entry.restore(entry_state)
         self._mask.restore(state.mask_length)
-        self.tokens = state.tokens
+        if state.tokens is None:
+            self.tokens = None
+        elif self._token_chunks is not None and self._token_count >= state.tokens:
+            tokens = self.tokens
+            assert tokens is not None
+            if self._token_count > state.tokens:
+                self.tokens = tokens[:, : state.tokens]
+        else:
+            self.tokens = None  # the record was dropped since: unknown rather than stale
         self.weights_fingerprint = state.weights_fingerprint
 
     def __getitem__(self, idx: int) -> KeyValueCacheEntry:
