@@ -17,6 +17,8 @@ PositionalEmbeddingType = Literal["standard", "rotary"]
 _ACT_FNS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "silu", "relu")
 _NORMS = ("LN", "RMS")
 _POS_TYPES = ("standard", "rotary")
+AttnType = Literal["global", "local"]
+_ATTN_TYPES = ("global", "local")
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -59,6 +61,18 @@ class ModelConfig:
         model_name: A label for messages and cache fingerprints.
         original_architecture: The architecture the weights came from (e.g. ``"LlamaForCausalLM"``).
         default_prepend_bos: Whether tokenization prepends BOS unless told otherwise.
+        attn_scale: What ``q . k`` is divided by before the softmax; ``None`` means
+            ``sqrt(d_head)`` (Gemma 2: ``sqrt(query_pre_attn_scalar)``).
+        attn_scores_soft_cap: Attention scores become ``c * tanh(scores / c)`` (Gemma 2);
+            ``-1`` (TransformerLens's value) turns it off.
+        output_logits_soft_cap: The logits become ``c * tanh(logits / c)``; ``-1`` is off.
+        window_size: Sliding-window attention: a query in a ``"local"`` layer sees at most this
+            many keys, itself and the ones just before it (by cache index, as Hugging Face
+            counts). ``None``: no layer has a window.
+        attn_types: Each layer's ``"global"`` or ``"local"`` (windowed) attention, one per layer;
+            ``None`` with a ``window_size`` means every layer is local (Mistral).
+        use_normalization_before_and_after: Norms after attention and after the MLP too
+            (``ln1_post``, ``ln2_post``; Gemma 2), before each output joins the residual stream.
     """
 
     n_layers: int
@@ -89,6 +103,12 @@ class ModelConfig:
     model_name: str = "custom"
     original_architecture: str | None = None
     default_prepend_bos: bool = True
+    attn_scale: float | None = None
+    attn_scores_soft_cap: float = -1.0
+    output_logits_soft_cap: float = -1.0
+    window_size: int | None = None
+    attn_types: tuple[AttnType, ...] | None = None
+    use_normalization_before_and_after: bool = False
 
     def __post_init__(self) -> None:
         for name in ("n_layers", "d_model", "n_heads", "d_head", "n_ctx", "d_vocab", "n_devices"):
@@ -128,10 +148,43 @@ class ModelConfig:
             # `not value > 0` also rejects NaN.
             if not _is_real(value) or not value > 0:
                 raise ValueError(f"ModelConfig.{name} must be a number > 0, got {value!r}")
+        self._check_attention_fields()
         if self.dtype not in _FLOAT_DTYPES:
             raise ValueError(
                 f"ModelConfig.dtype must be one of {_FLOAT_DTYPES}, got {self.dtype!r}"
             )
+
+    def _check_attention_fields(self) -> None:
+        scale = self.attn_scale
+        if scale is not None and (not _is_real(scale) or not scale > 0):
+            raise ValueError(f"ModelConfig.attn_scale must be a number > 0 or None, got {scale!r}")
+        for name in ("attn_scores_soft_cap", "output_logits_soft_cap"):
+            cap = getattr(self, name)
+            if not _is_real(cap) or not (cap > 0 or cap == -1):
+                raise ValueError(
+                    f"ModelConfig.{name} must be a number > 0, or -1 (off), got {cap!r}"
+                )
+        window = self.window_size
+        if window is not None and (not _is_int(window) or window < 1):
+            raise ValueError(
+                f"ModelConfig.window_size must be a positive int or None, got {window!r}"
+            )
+        types = self.attn_types
+        if types is not None:
+            if isinstance(types, list):
+                object.__setattr__(self, "attn_types", tuple(types))
+                types = self.attn_types
+            if (
+                not isinstance(types, tuple)
+                or len(types) != self.n_layers
+                or any(t not in _ATTN_TYPES for t in types)
+            ):
+                raise ValueError(
+                    f"ModelConfig.attn_types must hold one of {_ATTN_TYPES} per layer "
+                    f"(n_layers={self.n_layers}) or be None, got {types!r}"
+                )
+            if "local" in types and window is None:
+                raise ValueError("ModelConfig.attn_types has local layers but window_size is None")
 
     # Derived values ---------------------------------------------------------------------------
 
@@ -149,6 +202,14 @@ class ModelConfig:
     def rotary_dim_resolved(self) -> int:
         """Dimensions of each head that rotary rotates."""
         return self.rotary_dim if self.rotary_dim is not None else self.d_head
+
+    def layer_window(self, layer: int) -> int | None:
+        """The sliding window of layer ``layer``'s attention, or ``None`` for global attention."""
+        if self.window_size is None:
+            return None
+        if self.attn_types is None or self.attn_types[layer] == "local":
+            return self.window_size
+        return None
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -188,8 +249,23 @@ class ModelConfig:
         fields = self.to_dict()
         for name in ("device", "n_devices", "default_prepend_bos"):
             fields.pop(name)
+        # Fields added after caches were first saved count only when set, so a cache saved
+        # before they existed keeps its fingerprint.
+        for name, default in _LATER_FIELDS.items():
+            if fields[name] == default:
+                fields.pop(name)
         blob = json.dumps(fields, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+_LATER_FIELDS: dict[str, Any] = {
+    "attn_scale": None,
+    "attn_scores_soft_cap": -1.0,
+    "output_logits_soft_cap": -1.0,
+    "window_size": None,
+    "attn_types": None,
+    "use_normalization_before_and_after": False,
+}
 
 
 def _is_int(value: object) -> bool:

@@ -17,6 +17,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules import module as torch_module
 
+from kvlens.structure import WatchedModule
+
 Direction = Literal["fwd", "bwd"]
 DIRECTIONS = ("fwd", "bwd", "both")
 
@@ -72,7 +74,11 @@ def _marks_observed(register: Callable[P, R]) -> Callable[P, R]:
     return wrapper
 
 
-def _global_hooks() -> bool:
+def global_hooks() -> bool:
+    """Whether torch's global module hooks (which fire on every module) are registered.
+
+    The one place kvlens reads torch's global hook registry.
+    """
     return bool(_G_FWD_PRE or _G_FWD or _G_BWD_PRE or _G_BWD)
 
 
@@ -85,7 +91,7 @@ def _checked(out: Any, like: Tensor, what: str) -> Tensor:
     return out
 
 
-class HookPoint(nn.Module):
+class HookPoint(WatchedModule):
     """An identity module marking an activation that hooks can read or replace.
 
     Its ``name`` is its module path in the model (``blocks.3.attn.hook_pattern``). Calling it with
@@ -136,7 +142,13 @@ class HookPoint(nn.Module):
         """
         if self._observed and not (self.fwd_hooks or self.bwd_hooks or self._torch_hooks()):
             self._observed = False  # the torch hooks that marked it are gone
-        return self._observed or _global_hooks()
+        return self._observed or global_hooks()
+
+    @property
+    def attached(self) -> bool:
+        """Whether a kvlens hook or a torch module hook is attached to this very point (torch's
+        global module hooks aside)."""
+        return bool(self.fwd_hooks or self.bwd_hooks or self._torch_hooks())
 
     @property
     def has_hooks(self) -> bool:
@@ -223,7 +235,7 @@ class HookPoint(nn.Module):
     def __call__(self, x: Tensor) -> Tensor:  # type: ignore[override]
         if not (self._observed or _G_FWD_PRE or _G_FWD or _G_BWD_PRE or _G_BWD):
             return x
-        if self._torch_hooks() or _global_hooks():
+        if self._torch_hooks() or global_hooks():
             return super().__call__(x)  # type: ignore[no-any-return]
         if not (self.fwd_hooks or self.bwd_hooks):
             self._observed = False  # the torch hooks that marked it are gone

@@ -21,7 +21,6 @@ from kvlens.cache.entry import KeyValueCacheEntry
 from kvlens.cache.shared import SharedPrefixCache
 from kvlens.components.attention_context import AttentionContext, build_attention_context
 from kvlens.components.positions import positions_from_mask
-from kvlens.components.shared_prefix_attention import build_shared_prefix_context
 
 if TYPE_CHECKING:
     from kvlens.model import HookedTransformer
@@ -32,8 +31,7 @@ class Prepared:
     """Per-forward facts computed once and shared by every layer.
 
     Attributes:
-        ctx: The attention masks and rotary angles (a ``SharedPrefixContext`` over a shared
-            prefix).
+        ctx: The keys' layout (a shared prefix's too), padding and rotary angles.
         positions: The new tokens' positions, ``[1, pos]`` when nothing is padded.
         pad_mask: The new tokens' mask, when anything is padded.
         loss_mask: The ``attention_mask`` the caller gave, for the loss.
@@ -225,12 +223,19 @@ def prepare_pass(
             f"the model supports positions below n_ctx={cfg.n_ctx}"
         )
     rotary = model.rotary(positions) if cfg.positional_embedding_type == "rotary" else None
-    if shared is None:
-        ctx = build_attention_context(n_new, offset + n_new, full_mask, has_padding, device, rotary)
-    else:
-        ctx = build_shared_prefix_context(
-            n_new, offset + n_new, full_mask, has_padding, device, rotary, shared.prefix_mask
-        )
+    prefix_real = None
+    if shared is not None and shared.prefix_mask is not None:
+        prefix_real = shared.prefix_mask.reshape(-1)
+    ctx = build_attention_context(
+        n_new,
+        offset + n_new,
+        full_mask,
+        has_padding,
+        device,
+        rotary,
+        prefix_real=prefix_real,
+        prefix_len=0 if shared is None else shared.prefix_length,
+    )
     pad_mask = full_mask[:, offset:] if has_padding and full_mask is not None else None
     loss_mask = new_mask if attention_mask is not None else None
     return Prepared(ctx, positions, pad_mask, loss_mask)

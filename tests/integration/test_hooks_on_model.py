@@ -10,7 +10,7 @@ import pytest
 import torch
 from tests.helpers import FAMILIES, model_pair, tokens_for
 
-import kvlens.components.block as block_module
+import kvlens.components.decode_plan as plan_module
 from kvlens.cache import KeyValueCache
 from kvlens.hooks import HookPoint
 from kvlens.kernels import build
@@ -275,14 +275,14 @@ def test_native_layer_runs_only_where_nothing_observes(
 ) -> None:
     model = model_pair("llama")[1]
     taken: list[bool] = []  # one entry per native layer call: whether it ran
-    original = block_module.decode_layer
+    original = plan_module.decode_layer
 
     def spy(*args: Any, **kwargs: Any) -> Any:
         out = original(*args, **kwargs)
         taken.append(out is not None)
         return out
 
-    monkeypatch.setattr(block_module, "decode_layer", spy)
+    monkeypatch.setattr(plan_module, "decode_layer", spy)
     tokens = tokens_for(30, 1, 6)
     cache = KeyValueCache.init_cache(model.cfg, None, batch_size=1)
     fired: list[str] = []

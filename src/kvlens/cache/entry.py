@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import torch
 from jaxtyping import Float
@@ -17,6 +17,53 @@ MIN_CAPACITY = 16
 def _grown_capacity(capacity: int, needed: int) -> int:
     """Geometric growth: at least double, so that appending n tokens costs O(n) amortized."""
     return max(needed, 2 * capacity, MIN_CAPACITY)
+
+
+class KeySet(NamedTuple):
+    """The keys and values a layer's new queries attend to, as a cache entry gives them.
+
+    Every cache entry (:class:`KeyValueCacheEntry`, and the shared-prefix entry) returns one from
+    ``append_for_attention``, so attention reads them without knowing the entry's kind. Laid out
+    ``[batch, kv_head, pos, d_head]`` (views of the storage, never copies).
+
+    Attributes:
+        keys: The rows' own keys, cached then new.
+        values: Their values.
+        prefix_keys: ``[1, kv_head, prefix_pos, d_head]``: keys of one prefix every row
+            continues, before the rows' own; ``None`` when there is none.
+        prefix_values: Their values.
+    """
+
+    keys: Float[Tensor, "batch kv_head pos d_head"]
+    values: Float[Tensor, "batch kv_head pos d_head"]
+    prefix_keys: Float[Tensor, "1 kv_head prefix_pos d_head"] | None = None
+    prefix_values: Float[Tensor, "1 kv_head prefix_pos d_head"] | None = None
+
+
+class AttentionEntry(Protocol):
+    """What a layer needs of its cache entry; both kinds of entry implement it.
+
+    :class:`KeyValueCacheEntry` (the rows' own keys) and
+    :class:`~kvlens.cache.shared.SharedPrefixEntry` (a shared prefix, then the rows' own).
+    """
+
+    @property
+    def length(self) -> int: ...
+
+    @property
+    def batch_size(self) -> int: ...
+
+    @property
+    def n_kv_heads(self) -> int: ...
+
+    @property
+    def d_head(self) -> int: ...
+
+    def append_for_attention(self, new_keys: Tensor, new_values: Tensor) -> KeySet: ...
+
+    def claim(self, n_new: int) -> tuple[Tensor, Tensor, int] | None: ...
+
+    def commit(self, n_new: int) -> None: ...
 
 
 class EntryCheckpoint(NamedTuple):
@@ -251,18 +298,31 @@ class KeyValueCacheEntry:
             self._graph_keys, self._graph_values = keys, values
         return keys, values
 
+    def append_for_attention(
+        self,
+        new_keys: Float[Tensor, "batch new_tokens kv_head d_head"],
+        new_values: Float[Tensor, "batch new_tokens kv_head d_head"],
+    ) -> KeySet:
+        """:meth:`append`, returning the keys and values in attention's layout (views)."""
+        keys, values = self.append(new_keys, new_values)
+        return KeySet(keys.transpose(1, 2), values.transpose(1, 2))
+
     def claim(
         self, n_new: int
-    ) -> tuple[
-        Float[Tensor, "batch kv_head capacity d_head"],
-        Float[Tensor, "batch kv_head capacity d_head"],
-        int,
-    ]:
+    ) -> (
+        tuple[
+            Float[Tensor, "batch kv_head capacity d_head"],
+            Float[Tensor, "batch kv_head capacity d_head"],
+            int,
+        ]
+        | None
+    ):
         """Room for ``n_new`` positions after the committed ones, for a writer of its own.
 
         :meth:`append` for code that writes the storage itself (the native decode layer):
         returns the key and value storage ``[batch, kv_head, capacity, d_head]`` (grown if need
-        be) and the first position to write. Nothing is committed until :meth:`commit`.
+        be) and the first position to write. Nothing is committed until :meth:`commit`. An entry
+        whose keys are not all in such a storage (a shared prefix's) returns ``None``.
         """
         end = self._length + n_new
         if end > self._capacity:

@@ -10,7 +10,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from kvlens.cache.cache import MASK_DTYPE, KeyValueCache
-from kvlens.cache.entry import KeyValueCacheEntry
+from kvlens.cache.entry import KeySet, KeyValueCacheEntry
 
 
 class SharedPrefixEntry:
@@ -44,6 +44,40 @@ class SharedPrefixEntry:
     ]:
         """Append to the suffix; return the suffix's keys and values so far (views)."""
         return self.suffix.append(new_keys, new_values)
+
+    def append_for_attention(
+        self,
+        new_keys: Float[Tensor, "batch new_tokens kv_head d_head"],
+        new_values: Float[Tensor, "batch new_tokens kv_head d_head"],
+    ) -> KeySet:
+        """Append to the suffix; the suffix's and the prefix's keys and values (views)."""
+        own = self.suffix.append_for_attention(new_keys, new_values)
+        return KeySet(own.keys, own.values, self.prefix_keys, self.prefix_values)
+
+    def claim(self, n_new: int) -> None:
+        """``None``: the keys are not in one storage (see :meth:`KeyValueCacheEntry.claim`)."""
+        return None
+
+    def commit(self, n_new: int) -> None:
+        """Count ``n_new`` positions written to the suffix after a claim."""
+        self.suffix.commit(n_new)
+
+    @property
+    def length(self) -> int:
+        """Positions the rows' own keys cover (the suffix's)."""
+        return self.suffix.length
+
+    @property
+    def batch_size(self) -> int:
+        return self.suffix.batch_size
+
+    @property
+    def n_kv_heads(self) -> int:
+        return self.suffix.n_kv_heads
+
+    @property
+    def d_head(self) -> int:
+        return self.suffix.d_head
 
     def __repr__(self) -> str:
         return f"SharedPrefixEntry(prefix={self.prefix!r}, suffix={self.suffix!r})"

@@ -7,23 +7,19 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from kvlens import kernels
-from kvlens.cache.entry import KeyValueCacheEntry
-from kvlens.cache.shared import SharedPrefixEntry
+from kvlens.cache.entry import AttentionEntry, KeySet
+from kvlens.components.attend import attend
 from kvlens.components.attention_context import AttentionContext
-from kvlens.components.attention_math import (
-    attention_pattern,
-    attention_scores,
-    fused_attention,
-    mix_values,
-)
+from kvlens.components.attention_rules import AttentionSpec
 from kvlens.components.linear import linear
+from kvlens.components.native import NativeAttention
 from kvlens.components.positions import apply_rotary
-from kvlens.components.shared_prefix_attention import shared_prefix_attention
 from kvlens.config import ModelConfig
 from kvlens.hooks import HookPoint
+from kvlens.structure import WatchedModule
 
 
-class Attention(nn.Module):
+class Attention(WatchedModule):
     """Causal self-attention over the cached and the new tokens.
 
     Weights are stored fused for speed: one ``W_QKV: [d_model, (n_heads + 2 * n_kv) * d_head]``
@@ -40,9 +36,9 @@ class Attention(nn.Module):
     rotates one key instead of every cached key again; ``hook_rot_k`` therefore covers the new
     tokens only, ``[batch, pos, kv_head, d_head]``, where TransformerLens's covers all keys.
 
-    With no hook on ``hook_attn_scores`` or ``hook_pattern``, attention runs through
-    ``scaled_dot_product_attention``; with one, an eager path computes scores and pattern and
-    fires those hooks. ``hook_z`` fires in both.
+    Attention itself (scale, soft-capping, masks and sliding window, and which implementation
+    runs) is :func:`kvlens.components.attend.attend`, by the rules in ``self.spec``
+    (:class:`~kvlens.components.attention_rules.AttentionSpec`). ``hook_z`` fires on every path.
     """
 
     def __init__(self, cfg: ModelConfig, layer_idx: int = 0) -> None:
@@ -54,6 +50,7 @@ class Attention(nn.Module):
         self.d_model = cfg.d_model
         self.rotary = cfg.positional_embedding_type == "rotary"
         self.rotary_adjacent_pairs = cfg.rotary_adjacent_pairs
+        self.spec = AttentionSpec.from_config(cfg, layer_idx)
         width = (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.d_head
         self.W_QKV = nn.Parameter(torch.empty(cfg.d_model, width, dtype=cfg.dtype))
         self.b_QKV = (
@@ -121,40 +118,42 @@ class Attention(nn.Module):
     def b_V(self) -> Float[Tensor, "kv_head d_head"] | None:
         return self._bias(2)
 
+    def native(self) -> NativeAttention | None:
+        """This attention for the fused native layer, or ``None``: the kernel has no
+        soft-capping, and a subclass with its own forward computes something else."""
+        if type(self).forward is not Attention.forward or self.spec.softcap is not None:
+            return None
+        spec = self.spec
+        return NativeAttention(
+            self.W_QKV, self.b_QKV, self.W_O_flat, self.b_O, spec.n_heads, spec.n_kv_heads,
+            spec.d_head, spec.scale, spec.window, self.rotary, self.rotary_adjacent_pairs,
+        )  # fmt: skip
+
     # Forward ----------------------------------------------------------------------------------
 
     def forward(
         self,
         x: Float[Tensor, "batch pos d_model"],
         ctx: AttentionContext,
-        cache_entry: KeyValueCacheEntry | SharedPrefixEntry | None = None,
+        cache_entry: AttentionEntry | None = None,
     ) -> Float[Tensor, "batch pos d_model"]:
         """Attend from the new tokens ``x`` to the cached and the new tokens.
 
         Args:
             x: The normalized residual stream of the new tokens.
             ctx: Masks and rotary angles of this forward pass.
-            cache_entry: This layer's cache entry; the new keys and values are appended to it.
-                A :class:`SharedPrefixEntry` (one prefix shared by all rows) is attended to in
-                two parts merged exactly (:mod:`kvlens.components.cascade`).
+            cache_entry: This layer's cache entry; the new keys and values are appended to it,
+                and it gives back every key and value to attend to (a shared prefix's too).
         """
         batch, n_new, _ = x.shape
         q, k, v = self._project_and_rotate(x, ctx)
-        if isinstance(cache_entry, SharedPrefixEntry):
-            z_heads = shared_prefix_attention(
-                q, k, v, ctx, cache_entry, self.hook_attn_scores, self.hook_pattern
-            )
-            z = self.hook_z(z_heads.transpose(1, 2))
-            return linear(z.reshape(batch, n_new, -1), self.W_O_flat, self.b_O)
         if cache_entry is not None:
-            k, v = cache_entry.append(k, v)
-        q_heads, k_heads, v_heads = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        if self.hook_attn_scores.has_hooks or self.hook_pattern.has_hooks:
-            scores = attention_scores(q_heads, k_heads, ctx.attn_mask, ctx.is_causal)
-            pattern = self.hook_pattern(attention_pattern(self.hook_attn_scores(scores)))
-            z_heads = mix_values(pattern, v_heads)
+            keys = cache_entry.append_for_attention(k, v)
         else:
-            z_heads = fused_attention(q_heads, k_heads, v_heads, ctx.attn_mask, ctx.is_causal)
+            keys = KeySet(k.transpose(1, 2), v.transpose(1, 2))
+        z_heads = attend(
+            q.transpose(1, 2), keys, self.spec, ctx, self.hook_attn_scores, self.hook_pattern
+        )
         z = self.hook_z(z_heads.transpose(1, 2))
         return linear(z.reshape(batch, n_new, -1), self.W_O_flat, self.b_O)
 

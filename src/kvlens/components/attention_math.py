@@ -2,8 +2,8 @@
 
 Both take queries ``[batch, head_index, pos, d_head]`` and keys/values
 ``[batch, kv_head, kv_pos, d_head]`` (the cache's storage layout, read without copying) and give
-the same result up to float rounding. Query head ``h`` reads key/value head
-``h // (n_heads / n_kv_heads)``, as HF's ``repeat_kv`` and ``enable_gqa`` do.
+the same result up to float rounding. The rules (scale, soft-capping, masks, head groups) are
+:mod:`kvlens.components.attention_rules`'; :func:`kvlens.components.attend.attend` chooses the path.
 """
 
 from __future__ import annotations
@@ -14,7 +14,23 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from kvlens import kernels
-from kvlens.components.attention_context import causal_mask
+from kvlens.components.attention_rules import AttentionSpec, causal_mask
+
+
+def masked_scores(
+    q: Float[Tensor, "batch head_index pos d_head"],
+    k: Float[Tensor, "batch kv_head kv_pos d_head"],
+    spec: AttentionSpec,
+    attn_mask: Bool[Tensor, "batch 1 pos kv_pos"] | None,
+    is_causal: bool,
+) -> Float[Tensor, "batch head_index pos kv_pos"]:
+    """The layer's scores (:meth:`AttentionSpec.scores`), ``-inf`` where the mask forbids."""
+    scores = spec.scores(q, k)
+    if attn_mask is None and is_causal:
+        attn_mask = causal_mask(q.shape[2], k.shape[2], q.device)
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf"))
+    return scores
 
 
 def attention_scores(
@@ -23,22 +39,9 @@ def attention_scores(
     attn_mask: Bool[Tensor, "batch 1 pos kv_pos"] | None,
     is_causal: bool,
 ) -> Float[Tensor, "batch head_index pos kv_pos"]:
-    """Scaled dot products ``q . k / sqrt(d_head)``, ``-inf`` where the mask forbids.
-
-    Grouped-query heads are handled by folding the heads that share a key head into the query
-    axis, so the keys are never repeated.
-    """
-    batch, n_heads, n_new, d_head = q.shape
-    n_kv, kv_len = k.shape[1], k.shape[2]
-    group = n_heads // n_kv
-    folded = q.reshape(batch, n_kv, group * n_new, d_head)
-    scores = (folded @ k.transpose(-1, -2)).view(batch, n_heads, n_new, kv_len)
-    scores = scores * d_head**-0.5
-    if attn_mask is None and is_causal:
-        attn_mask = causal_mask(n_new, kv_len, q.device)
-    if attn_mask is not None:
-        scores = scores.masked_fill(~attn_mask, float("-inf"))
-    return scores
+    """:func:`masked_scores` with the default rules: scale ``1 / sqrt(d_head)``, no cap."""
+    spec = AttentionSpec(q.shape[1], k.shape[1], q.shape[3], q.shape[3] ** -0.5)
+    return masked_scores(q, k, spec, attn_mask, is_causal)
 
 
 def attention_pattern(
@@ -68,28 +71,33 @@ def fused_attention(
     v: Float[Tensor, "batch kv_head kv_pos d_head"],
     attn_mask: Bool[Tensor, "batch 1 pos kv_pos"] | None,
     is_causal: bool,
+    scale: float | None = None,
 ) -> Float[Tensor, "batch head_index pos d_head"]:
     """``scaled_dot_product_attention`` on the keys and values in place.
 
-    For one new token under grouped-query attention, the query heads that share a key head are
-    folded into the query axis (``[batch, kv_head, group, d_head]``): on CPU this runs about three
-    times faster than ``enable_gqa=True``. On CPU in fp32 one new query per row goes to kvlens's
-    native decode kernel instead (:func:`kvlens.kernels.decode_attention`) when it is built: it
-    reads the cache at close to memory speed, where the fused kernel, made for many queries,
-    does not.
+    ``scale`` multiplies the scores (default ``1 / sqrt(d_head)``). For one new token under
+    grouped-query attention, the query heads that share a key head are folded into the query axis
+    (``[batch, kv_head, group, d_head]``): on CPU this runs about three times faster than
+    ``enable_gqa=True``. On CPU in fp32 one new query per row goes to kvlens's native decode
+    kernel instead (:func:`kvlens.kernels.decode_attention`) when it is built: it reads the cache
+    at close to memory speed, where the fused kernel, made for many queries, does not.
     """
     batch, n_heads, n_new, d_head = q.shape
     n_kv = k.shape[1]
+    if scale is None:
+        scale = d_head**-0.5
     if n_new == 1 and not is_causal:
-        native = kernels.decode_attention(q, k, v, attn_mask)
+        native = kernels.decode_attention(q, k, v, attn_mask, scale=scale)
         if native is not None:
             return native
     if n_kv == n_heads:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale
+        )
     if n_new == 1 and not is_causal:
         folded = q.reshape(batch, n_kv, n_heads // n_kv, d_head)
-        out = F.scaled_dot_product_attention(folded, k, v, attn_mask=attn_mask)
+        out = F.scaled_dot_product_attention(folded, k, v, attn_mask=attn_mask, scale=scale)
         return out.view(batch, n_heads, 1, d_head)
     return F.scaled_dot_product_attention(
-        q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=True
+        q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=True, scale=scale
     )

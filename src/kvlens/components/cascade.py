@@ -25,7 +25,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from kvlens import kernels
-from kvlens.components.attention_context import causal_mask
+from kvlens.components.attention_rules import AttentionSpec, causal_mask, fold_rows, unfold_rows
 
 Partial = tuple[Float[Tensor, "batch head_index pos d_head"], Float[Tensor, "batch head_index pos"]]
 
@@ -39,14 +39,18 @@ def cascade_attention(
     suffix_v: Float[Tensor, "batch kv_head suffix_pos d_head"],
     suffix_mask: Bool[Tensor, "batch 1 pos suffix_pos"] | None,
     suffix_is_causal: bool,
+    scale: float | None = None,
 ) -> Float[Tensor, "batch head_index pos d_head"]:
     """Softmax attention over the shared prefix and each row's suffix, without copying the prefix.
 
     Equal, up to float rounding, to attention over the keys ``prefix ++ suffix`` of every row.
     A query that may attend to no key at all gets zeros (as :func:`attention_pattern` gives).
+    ``scale`` multiplies the scores (default ``1 / sqrt(d_head)``); ``prefix_mask`` may also be
+    ``[1, 1, pos, prefix_pos]`` (a sliding window ending inside the prefix).
     """
-    out_p, lse_p = prefix_attention(q, prefix_k, prefix_v, prefix_mask)
-    out_s, lse_s = suffix_attention(q, suffix_k, suffix_v, suffix_mask, suffix_is_causal)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    out_p, lse_p = prefix_attention(q, prefix_k, prefix_v, prefix_mask, scale)
+    out_s, lse_s = suffix_attention(q, suffix_k, suffix_v, suffix_mask, suffix_is_causal, scale)
     return merge_partials(out_p, lse_p, out_s, lse_s).to(q.dtype)
 
 
@@ -54,16 +58,22 @@ def prefix_attention(
     q: Float[Tensor, "batch head_index pos d_head"],
     k: Float[Tensor, "1 kv_head prefix_pos d_head"],
     v: Float[Tensor, "1 kv_head prefix_pos d_head"],
-    mask: Bool[Tensor, "1 1 1 prefix_pos"] | None,
+    mask: Bool[Tensor, "1 1 pos prefix_pos"] | None,
+    scale: float | None = None,
 ) -> Partial:
     """Every row's queries against the one prefix, as one product per key head.
 
     Returns the normalised output and the log-sum-exp of the scores (``-inf`` where no key is
     allowed).
     """
-    folded = _fold_rows(q, k.shape[1])
-    out, lse = _partial(folded, k, v, mask, False)
-    return _unfold_rows(out, q.shape), _unfold_rows(lse, q.shape[:3])
+    batch, n_heads = q.shape[:2]
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    folded = fold_rows(q, k.shape[1])
+    if mask is not None and mask.shape[2] > 1:
+        # One mask row per query: repeat it for the rows and heads folded into the query axis.
+        mask = mask[0, 0].repeat(batch * (n_heads // k.shape[1]), 1)[None, None]
+    out, lse = _partial(folded, k, v, mask, False, scale)
+    return unfold_rows(out, q.shape), unfold_rows(lse, q.shape[:3])
 
 
 def suffix_attention(
@@ -72,6 +82,7 @@ def suffix_attention(
     v: Float[Tensor, "batch kv_head suffix_pos d_head"],
     mask: Bool[Tensor, "batch 1 pos suffix_pos"] | None,
     is_causal: bool,
+    scale: float | None = None,
 ) -> Partial:
     """Each row's queries against its own suffix keys: normalised output and log-sum-exp.
 
@@ -82,14 +93,15 @@ def suffix_attention(
     """
     batch, n_heads, n_new, d_head = q.shape
     n_kv = k.shape[1]
+    scale = d_head**-0.5 if scale is None else scale
     if n_new == 1 and not is_causal:
-        native = kernels.decode_attention_lse(q, k, v, mask)
+        native = kernels.decode_attention_lse(q, k, v, mask, scale=scale)
         if native is not None:
             return native
     if n_new > 1 or is_causal or n_kv == n_heads:
-        return _partial(q, k, v, mask, is_causal)
+        return _partial(q, k, v, mask, is_causal, scale)
     folded = q.reshape(batch, n_kv, n_heads // n_kv, d_head)
-    out, lse = _partial(folded, k, v, mask, False)
+    out, lse = _partial(folded, k, v, mask, False, scale)
     return out.reshape(batch, n_heads, 1, d_head), lse.reshape(batch, n_heads, 1)
 
 
@@ -119,12 +131,19 @@ def merge_partials(
 def prefix_scores(
     q: Float[Tensor, "batch head_index pos d_head"],
     k: Float[Tensor, "1 kv_head prefix_pos d_head"],
-    mask: Bool[Tensor, "1 1 1 prefix_pos"] | None,
+    mask: Bool[Tensor, "1 1 pos prefix_pos"] | None,
+    spec: AttentionSpec | None = None,
 ) -> Float[Tensor, "batch head_index pos prefix_pos"]:
-    """Scaled scores of every row's queries against the shared prefix, ``-inf`` where masked."""
-    folded = _fold_rows(q, k.shape[1])
-    scores = (folded @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
-    scores = _unfold_rows(scores, (*q.shape[:3], k.shape[2]))
+    """The layer's scores of every row's queries against the shared prefix, ``-inf`` if masked.
+
+    ``spec`` gives the scale and soft-capping (default: ``1 / sqrt(d_head)``, no cap).
+    """
+    if spec is None:
+        spec = AttentionSpec(q.shape[1], k.shape[1], q.shape[3], q.shape[3] ** -0.5)
+    folded = fold_rows(q, k.shape[1])
+    # The folded queries are one row of kv_head heads, each of group 1: the spec's rules apply.
+    scores = spec.cap((folded @ k.transpose(-1, -2)) * spec.scale)
+    scores = unfold_rows(scores, (*q.shape[:3], k.shape[2]))
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     return scores
@@ -136,31 +155,11 @@ def mix_prefix_values(
 ) -> Float[Tensor, "batch head_index pos d_head"]:
     """The pattern-weighted sum of the shared prefix's values for every row and query head."""
     batch, n_heads, n_new, _ = pattern.shape
-    folded = _fold_rows(pattern, v.shape[1]) @ v
-    return _unfold_rows(folded, (batch, n_heads, n_new, v.shape[3]))
+    folded = fold_rows(pattern, v.shape[1]) @ v
+    return unfold_rows(folded, (batch, n_heads, n_new, v.shape[3]))
 
 
 # Internals -----------------------------------------------------------------------------------
-
-
-def _fold_rows(x: Tensor, n_kv: int) -> Tensor:
-    """``[batch, head_index, pos, w]`` to ``[1, kv_head, batch * group * pos, w]``.
-
-    Query head ``h`` reads key head ``h // group``; the rows and the heads of one group become
-    one long query axis against that key head.
-    """
-    batch, n_heads, n_new, width = x.shape
-    group = n_heads // n_kv
-    per_head = x.reshape(batch, n_kv, group * n_new, width).transpose(0, 1)
-    return per_head.reshape(1, n_kv, batch * group * n_new, width)
-
-
-def _unfold_rows(x: Tensor, shape: tuple[int, ...]) -> Tensor:
-    """Invert :func:`_fold_rows` for a result ``[1, kv_head, batch * group * pos, *rest]``."""
-    batch = shape[0]
-    n_kv = x.shape[1]
-    per_head = x.reshape(n_kv, batch, -1, *x.shape[3:]).transpose(0, 1)
-    return per_head.reshape(shape)
 
 
 def _partial(
@@ -169,6 +168,7 @@ def _partial(
     v: Float[Tensor, "batch kv_head kv_pos d_head"],
     mask: Bool[Tensor, "batch 1 pos kv_pos"] | None,
     is_causal: bool,
+    scale: float,
 ) -> Partial:
     """Normalised attention output and log-sum-exp of the scores (``-inf`` for empty rows)."""
     if _use_fused(q, k, v):
@@ -177,24 +177,24 @@ def _partial(
             bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device)
             bias.masked_fill_(~mask, float("-inf"))
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, is_causal=is_causal, attn_mask=bias
+            q, k, v, is_causal=is_causal, attn_mask=bias, scale=scale
         )
         if mask is not None:
             # The kernel reports 0, not -inf, for a query with no allowed key.
             lse = lse.masked_fill(~mask.any(-1), float("-inf"))
         return out, lse
-    return _partial_eager(q, k, v, mask, is_causal)
+    return _partial_eager(q, k, v, mask, is_causal, scale)
 
 
 def _partial_eager(
-    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool, scale: float
 ) -> Partial:
     """Reference for :func:`_partial` with matmuls: any device, and differentiable."""
     batch, n_heads, n_new, d_head = q.shape
     n_kv, kv_len = k.shape[1], k.shape[2]
     group = n_heads // n_kv
     folded = q.reshape(batch, n_kv, group * n_new, d_head)
-    scores = (folded @ k.transpose(-1, -2)).view(batch, n_heads, n_new, kv_len) * d_head**-0.5
+    scores = (folded @ k.transpose(-1, -2)).view(batch, n_heads, n_new, kv_len) * scale
     if mask is None and is_causal:
         mask = causal_mask(n_new, kv_len, q.device)
     if mask is not None:

@@ -8,9 +8,10 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from kvlens.config import ModelConfig
+from kvlens.structure import WatchedModule
 
 
-class Embed(nn.Module):
+class Embed(WatchedModule):
     """Token ids to residual vectors: ``W_E[tokens]``.
 
     Attributes:

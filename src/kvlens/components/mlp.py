@@ -11,8 +11,10 @@ from torch import Tensor, nn
 
 from kvlens import kernels
 from kvlens.components.linear import linear
+from kvlens.components.native import NativeMLP
 from kvlens.config import ActFn, ModelConfig
 from kvlens.hooks import HookPoint
+from kvlens.structure import WatchedModule
 
 
 def _gelu_tanh(x: Tensor) -> Tensor:
@@ -33,7 +35,7 @@ def activation(name: ActFn) -> Callable[[Tensor], Tensor]:
     return _ACTIVATIONS[name]
 
 
-class MLP(nn.Module):
+class MLP(WatchedModule):
     """``act(x W_in + b_in) W_out + b_out``.
 
     Attributes:
@@ -54,6 +56,16 @@ class MLP(nn.Module):
         self.hook_pre = HookPoint()  # [batch, pos, d_mlp]
         self.hook_post = HookPoint()  # [batch, pos, d_mlp]
 
+    def native(self) -> NativeMLP | None:
+        """This MLP for the fused native layer, or ``None`` (a replaced or unsupported
+        activation, a subclass with its own forward)."""
+        code = kernels.ACTIVATIONS.get(self.act_fn)
+        if type(self).forward is not MLP.forward or code is None:
+            return None
+        if self.act is not _ACTIVATIONS[self.act_fn]:
+            return None
+        return NativeMLP(code, self.W_in, self.b_in, self.W_out, self.b_out)
+
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
         pre = self.hook_pre(linear(x, self.W_in, self.b_in))
         # A decode step's few rows: natively, unless the activation was replaced.
@@ -64,7 +76,7 @@ class MLP(nn.Module):
         return linear(post, self.W_out, self.b_out)
 
 
-class GatedMLP(nn.Module):
+class GatedMLP(WatchedModule):
     """``(act(x W_gate) * (x W_in)) W_out``, with both input projections in one matmul.
 
     The gate and input weights are stored side by side as ``W_gate_in: [d_model, 2 * d_mlp]``
@@ -105,6 +117,12 @@ class GatedMLP(nn.Module):
     @property
     def b_in(self) -> Float[Tensor, " d_mlp"] | None:
         return None if self.b_gate_in is None else self.b_gate_in[self.d_mlp :]
+
+    def native(self) -> NativeMLP | None:
+        """This MLP for the fused native layer: a gated SiLU MLP only (else ``None``)."""
+        if type(self).forward is not GatedMLP.forward or self.act is not F.silu:
+            return None
+        return NativeMLP(None, self.W_gate_in, self.b_gate_in, self.W_out, self.b_out)
 
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
         gate_in = linear(x, self.W_gate_in, self.b_gate_in)

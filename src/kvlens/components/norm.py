@@ -8,11 +8,13 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from kvlens import kernels
+from kvlens.components.native import NativeNorm
 from kvlens.config import ModelConfig
 from kvlens.hooks import HookPoint
+from kvlens.structure import WatchedModule
 
 
-class LayerNorm(nn.Module):
+class LayerNorm(WatchedModule):
     """LayerNorm with a learned scale ``w`` and bias ``b``.
 
     As in TransformerLens, ``hook_normalized`` sees the output after ``w`` and ``b``. The fused
@@ -32,6 +34,12 @@ class LayerNorm(nn.Module):
         self.hook_scale = HookPoint()  # [batch, pos, 1]
         self.hook_normalized = HookPoint()  # [batch, pos, d_model]
 
+    def native(self) -> NativeNorm | None:
+        """This norm for the fused native layer (``None`` for a subclass with its own forward)."""
+        if type(self).forward is not LayerNorm.forward:
+            return None
+        return NativeNorm(True, self.eps, self.w, self.b)
+
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
         if not self.hook_scale.has_hooks:
             # A decode step's few rows natively (the arithmetic the native decode layer uses).
@@ -44,7 +52,7 @@ class LayerNorm(nn.Module):
         return self.hook_normalized(centered / scale * self.w + self.b)
 
 
-class RMSNorm(nn.Module):
+class RMSNorm(WatchedModule):
     """RMSNorm with a learned scale ``w`` (Llama).
 
     As in TransformerLens, ``hook_normalized`` sees ``x / rms(x)`` before ``w`` is applied. The
@@ -61,6 +69,12 @@ class RMSNorm(nn.Module):
         self.w = nn.Parameter(torch.ones(cfg.d_model, dtype=cfg.dtype))
         self.hook_scale = HookPoint()  # [batch, pos, 1]
         self.hook_normalized = HookPoint()  # [batch, pos, d_model]
+
+    def native(self) -> NativeNorm | None:
+        """This norm for the fused native layer (``None`` for a subclass with its own forward)."""
+        if type(self).forward is not RMSNorm.forward:
+            return None
+        return NativeNorm(False, self.eps, self.w, None)
 
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
         if not self.hook_scale.has_hooks:

@@ -12,6 +12,7 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from kvlens.config import ModelConfig
+from kvlens.structure import WatchedModule
 
 
 def positions_from_mask(
@@ -27,7 +28,7 @@ def positions_from_mask(
     return (counts[:, counts.shape[1] - n_new :] - 1).clamp(min=0)
 
 
-class PosEmbed(nn.Module):
+class PosEmbed(WatchedModule):
     """Learned absolute position embeddings (GPT-2).
 
     Attributes:
@@ -60,7 +61,7 @@ def rotary_inverse_frequencies(rotary_dim: int, base: float) -> Float[Tensor, " 
     return 1.0 / (base**exponents)
 
 
-class RotaryEmbedding(nn.Module):
+class RotaryEmbedding(WatchedModule):
     """Cosine and sine tables of rotary position embedding, shared by every layer.
 
     The tables are non-persistent buffers ``[n_ctx, rotary_dim / 2]`` in ``cfg.dtype``, computed

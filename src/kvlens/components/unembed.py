@@ -8,9 +8,10 @@ from torch import Tensor, nn
 
 from kvlens.components.linear import linear
 from kvlens.config import ModelConfig
+from kvlens.structure import WatchedModule
 
 
-class Unembed(nn.Module):
+class Unembed(WatchedModule):
     """Residual vectors to logits: ``x @ W_U (+ b_U)``.
 
     ``W_U`` is its own contiguous ``[d_model, d_vocab]`` parameter even for models whose checkpoint
@@ -18,9 +19,13 @@ class Unembed(nn.Module):
     would make the largest matmul of a decode step read memory with a stride. Editing ``W_E``
     therefore does not change ``W_U``.
 
+    With ``cfg.output_logits_soft_cap = c > 0`` (Gemma 2) the logits are ``c * tanh(logits / c)``,
+    as TransformerLens and Hugging Face compute them.
+
     Attributes:
         W_U: ``[d_model, d_vocab]``.
         b_U: ``[d_vocab]``, only when ``cfg.unembed_bias`` (else ``None``).
+        soft_cap: ``c``, or ``None``.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -29,6 +34,11 @@ class Unembed(nn.Module):
         self.b_U = (
             nn.Parameter(torch.zeros(cfg.d_vocab, dtype=cfg.dtype)) if cfg.unembed_bias else None
         )
+        cap = cfg.output_logits_soft_cap
+        self.soft_cap = float(cap) if cap > 0 else None
 
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_vocab"]:
-        return linear(x, self.W_U, self.b_U)
+        logits = linear(x, self.W_U, self.b_U)
+        if self.soft_cap is None:
+            return logits
+        return torch.tanh(logits / self.soft_cap) * self.soft_cap

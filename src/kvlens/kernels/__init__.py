@@ -293,6 +293,7 @@ def decode_attention(
     v: Float[Tensor, "batch kv_head kv_pos d_head"],
     mask: Tensor | None = None,
     threads: int | None = None,
+    scale: float | None = None,
 ) -> Float[Tensor, "batch head_index 1 d_head"] | None:
     """Softmax attention of one query per row over keys and values read in place, or ``None``.
 
@@ -305,11 +306,12 @@ def decode_attention(
         mask: Bool ``[batch, 1, 1, kv_pos]``, True where the query may attend; a row with no
             allowed key gets zeros.
         threads: OpenMP threads; default torch's count.
+        scale: What the scores are multiplied by (default ``1 / sqrt(d_head)``).
 
     Returns a view of a contiguous ``[batch, 1, head_index, d_head]`` tensor, so transposing it
     back (as the attention layer does) costs nothing.
     """
-    result = _decode_attention(q, k, v, mask, threads, with_lse=False)
+    result = _decode_attention(q, k, v, mask, threads, scale, with_lse=False)
     return None if result is None else result[0]
 
 
@@ -319,20 +321,27 @@ def decode_attention_lse(
     v: Float[Tensor, "batch kv_head kv_pos d_head"],
     mask: Tensor | None = None,
     threads: int | None = None,
+    scale: float | None = None,
 ) -> tuple[Float[Tensor, "batch head_index 1 d_head"], Float[Tensor, "batch head_index 1"]] | None:
     """:func:`decode_attention` and the log-sum-exp of each query's scaled scores, or ``None``.
 
     The log-sum-exp (``-inf`` where no key is allowed) lets a caller merge this result with
     attention over other keys exactly (cascade attention over a shared prefix).
     """
-    result = _decode_attention(q, k, v, mask, threads, with_lse=True)
+    result = _decode_attention(q, k, v, mask, threads, scale, with_lse=True)
     if result is None or result[1] is None:
         return None
     return result[0], result[1]
 
 
 def _decode_attention(
-    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, threads: int | None, with_lse: bool
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None,
+    threads: int | None,
+    scale: float | None,
+    with_lse: bool,
 ) -> tuple[Tensor, Tensor | None] | None:
     native = _native()
     if native is None:
@@ -374,7 +383,7 @@ def _decode_attention(
         k.stride(2),
         None if mask is None else mask.data_ptr(),
         0 if mask is None else mask.stride(0),
-        d_head**-0.5,
+        d_head**-0.5 if scale is None else scale,
         out.data_ptr(),
         None if lse is None else lse.data_ptr(),
         scratch.data_ptr(),

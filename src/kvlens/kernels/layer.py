@@ -136,11 +136,15 @@ def decode_layer(
     pos: int,
     mask: Bool[Tensor, "batch 1 1 kv_pos"] | None,
     rotary: tuple[Tensor, Tensor, bool] | None,
+    *,
+    scale: float | None = None,
+    first: int = 0,
 ) -> Float[Tensor, "batch 1 d_model"] | None:
     """The residual stream after one layer, or ``None`` where this does not apply.
 
     Writes the new token's key and value (after rotary) into ``keys[:, :, pos]`` and
-    ``values[:, :, pos]`` and attends over positions ``0..pos``; the caller commits the position.
+    ``values[:, :, pos]`` and attends over positions ``first..pos``; the caller commits the
+    position.
     Returns ``None``, having written nothing, for input it does not take: no library, more rows
     than the library's ``max_rows``, a dtype other than float32, tensors not contiguous on the
     CPU, autograd, or an attention shape the native attention does not handle.
@@ -156,6 +160,9 @@ def decode_layer(
         mask: True where the new token may attend (padding), or ``None`` for all.
         rotary: ``(cos, sin, adjacent_pairs)`` with ``cos``/``sin`` ``[batch or 1, 1, 1, half]``,
             or ``None`` for a model without rotary.
+        scale: What the attention scores are multiplied by (default ``1 / sqrt(d_head)``).
+        first: The first position attended to (a sliding window's start); the keys before it
+            are not read.
     """
     if x.dim() != 3 or keys.dim() != 4:
         return None
@@ -165,7 +172,7 @@ def decode_layer(
     if native is None:
         return None
     lib, limits = native
-    if n_new != 1 or not 0 < batch <= limits.max_rows or not 0 <= pos < capacity:
+    if n_new != 1 or not 0 < batch <= limits.max_rows or not 0 <= first <= pos < capacity:
         return None
     if n_heads % n_kv or n_heads // n_kv > limits.attention_max_group:
         return None
@@ -227,10 +234,13 @@ def decode_layer(
         layer.cos = layer.sin = None
     out = torch.empty((batch, 1, d_model), dtype=_F32)
     layer.rows, layer.d_model, layer.n_heads, layer.n_kv = batch, d_model, n_heads, n_kv
-    layer.d_head, layer.d_mlp, layer.rotary_half, layer.pos = d_head, d_mlp, half, pos
+    # The kernel sees the storage from position `first` on: it writes the new key at its
+    # position `pos - first` (absolute `pos`) and attends to its positions 0..pos - first.
+    layer.d_head, layer.d_mlp, layer.rotary_half, layer.pos = d_head, d_mlp, half, pos - first
     layer.s_b, layer.s_h, layer.s_p = keys.stride(0), keys.stride(1), keys.stride(2)
     layer.ms_b = 0 if mask is None else mask.stride(0)
-    layer.cos_row, layer.eps, layer.scale = cos_row, kind.eps, d_head**-0.5
+    layer.cos_row, layer.eps = cos_row, kind.eps
+    layer.scale = d_head**-0.5 if scale is None else scale
     layer.layer_norm, layer.parallel = int(kind.layer_norm), int(kind.parallel)
     layer.gated, layer.act = int(gated), kind.act or 0
     layer.threads = torch.get_num_threads()
@@ -241,8 +251,9 @@ def decode_layer(
     layer.w_in, layer.w_out = _address(w.w_in), _address(w.w_out)
     layer.b_qkv, layer.b_o = _address(w.b_qkv), _address(w.b_o)
     layer.b_in, layer.b_out = _address(w.b_in), _address(w.b_out)
-    layer.k_cache, layer.v_cache = keys.data_ptr(), values.data_ptr()
-    layer.mask = None if mask is None else mask.data_ptr()
+    skip = first * keys.stride(2) * keys.element_size()
+    layer.k_cache, layer.v_cache = keys.data_ptr() + skip, values.data_ptr() + skip
+    layer.mask = None if mask is None else mask.data_ptr() + first * mask.stride(-1)
     address = ctypes.addressof(layer)
     work = _scratch(lib.kvlens_decode_layer_workspace(address))
     layer.work = work.data_ptr()

@@ -75,9 +75,9 @@ def test_fast_path_reads_the_cache_storage_without_copying(monkeypatch) -> None:
 
     real_native = attention_math.kernels.decode_attention
 
-    def spy_native(q, k, v, mask=None, threads=None):
+    def spy_native(q, k, v, mask=None, threads=None, **kwargs):
         seen.append((k.data_ptr(), v.data_ptr()))
-        return real_native(q, k, v, mask, threads)
+        return real_native(q, k, v, mask, threads, **kwargs)
 
     # A decode step goes to the native kernel when it is built, else to torch: spy on both.
     monkeypatch.setattr(attention_math.F, "scaled_dot_product_attention", spy)

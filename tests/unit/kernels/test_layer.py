@@ -6,7 +6,7 @@ import pytest
 import torch
 from tests.helpers import make_hf_model, padding_mask
 
-import kvlens.components.block as block_module
+import kvlens.components.decode_plan as plan_module
 from kvlens import HookedTransformer, KeyValueCache
 from kvlens.kernels import ACTIVATIONS, build
 from kvlens.kernels.layer import LayerKind, LayerWeights, decode_layer
@@ -27,14 +27,14 @@ def model_of(family: str) -> HookedTransformer:
 def taken(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
     """Records each call of the native layer: True where it ran, False where it declined."""
     calls: list[bool] = []
-    original = block_module.decode_layer
+    original = plan_module.decode_layer
 
     def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
         out = original(*args, **kwargs)
         calls.append(out is not None)
         return out
 
-    monkeypatch.setattr(block_module, "decode_layer", spy)
+    monkeypatch.setattr(plan_module, "decode_layer", spy)
     return calls
 
 
