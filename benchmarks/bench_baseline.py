@@ -11,6 +11,9 @@ ms over the rounds, and their ratio.
 Usage (on an otherwise idle machine)::
 
     .venv/bin/python benchmarks/bench_baseline.py --baseline 1882f84 --rounds 5
+
+``--candidate REV`` measures that revision in place of the working tree (so that uncommitted
+edits made meanwhile cannot reach the run).
 """
 
 from __future__ import annotations
@@ -103,6 +106,7 @@ def summary(result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--baseline", help="git revision to compare the tree against")
+    p.add_argument("--candidate", help="git revision measured instead of the working tree")
     p.add_argument("--report", type=Path, help="print the summary of a results file and stop")
     p.add_argument("--rounds", type=int, default=5, help="alternating rounds (5)")
     p.add_argument("--system", choices=("kvlens", "kvlens-real"), default="kvlens-real")
@@ -122,13 +126,16 @@ def main(argv: list[str] | None = None) -> None:
     runs: dict[str, list[dict[str, Any]]] = {"baseline": [], "tree": []}
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     with tempfile.TemporaryDirectory() as tmp:
-        src = extract_source(args.baseline, Path(tmp))
+        src = extract_source(args.baseline, Path(tmp) / "baseline")
+        tree = None
+        if args.candidate is not None:
+            tree = extract_source(args.candidate, Path(tmp) / "candidate")
         for index in range(args.rounds):
             for name, path in (
-                (("baseline", src), ("tree", None))
+                (("baseline", src), ("tree", tree))
                 if index % 2 == 0
                 else (
-                    ("tree", None),
+                    ("tree", tree),
                     ("baseline", src),
                 )
             ):
@@ -149,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     result = {
         "started": started,
         "cpu": cpu_model(),
-        "tree": git_revision(),
+        "tree": args.candidate or git_revision(),
         "baseline": args.baseline,
         "config": {k: v for k, v in vars(args).items() if k != "out"} | {"out": str(args.out)},
         "median": median,

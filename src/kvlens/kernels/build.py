@@ -353,6 +353,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     out = ctypes.POINTER(ctypes.c_int64)
     lib.kvlens_layer_field.restype = ctypes.c_char_p
     lib.kvlens_layer_field.argtypes = [i64, out, out]
+    lib.kvlens_activation_name.restype = ctypes.c_char_p
+    lib.kvlens_activation_name.argtypes = [i64]
 
 
 def read_limits(lib: ctypes.CDLL) -> Limits:
@@ -373,7 +375,33 @@ def disagreement(lib: ctypes.CDLL) -> str | None:
     bad = [f"{name} = {value}" for name, value in limits._asdict().items() if value <= 0]
     if bad:
         return f"it reports impossible limits ({', '.join(bad)})"
-    return layout_problem(lib)
+    return activation_problem(lib) or layout_problem(lib)
+
+
+# Each act_fn's name in the library (kvlens_activation_name), for the check of ACTIVATIONS' codes.
+_KERNEL_ACTIVATION = {
+    "gelu": "gelu",
+    "gelu_new": "gelu_tanh",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "relu": "relu",
+    "silu": "silu",
+}
+
+
+def activation_problem(lib: ctypes.CDLL) -> str | None:
+    """How ``ACTIVATIONS``' codes differ from the library's ``KVLENS_ACT_*``, or ``None``."""
+    from kvlens.kernels import ACTIVATIONS  # kvlens.kernels imports this module
+
+    for act_fn, code in ACTIVATIONS.items():
+        name = lib.kvlens_activation_name(code)
+        want = _KERNEL_ACTIVATION.get(act_fn)
+        if name is None or name.decode() != want:
+            got = None if name is None else name.decode()
+            return (
+                f"activation code {code} is {got!r} in the library, {want!r} ({act_fn}) in "
+                "kvlens/kernels/__init__.py"
+            )
+    return None
 
 
 def load() -> ctypes.CDLL | None:

@@ -48,3 +48,16 @@ const char *kvlens_layer_field(int64_t i, int64_t *offset, int64_t *size) {
     *size = (int64_t)layer_fields[i].size;
     return layer_fields[i].name;
 }
+
+/* The name of activation `code` (KVLENS_ACT_*), NULL for an unknown code: Python's table of codes
+ * (kvlens/kernels/__init__.py ACTIVATIONS) is checked against it before the library is used. */
+const char *kvlens_activation_name(int64_t code) {
+    static const char *const names[] = {
+        [KVLENS_ACT_GELU] = "gelu",
+        [KVLENS_ACT_GELU_TANH] = "gelu_tanh",
+        [KVLENS_ACT_RELU] = "relu",
+        [KVLENS_ACT_SILU] = "silu",
+    };
+    if (code < 0 || code >= (int64_t)(sizeof names / sizeof names[0])) return NULL;
+    return names[code];
+}

@@ -154,3 +154,25 @@ def test_a_library_that_disagrees_is_refused_and_torch_runs(
     assert kernels.limits() is None
     assert kernels.matmul(torch.randn(1, 8), torch.randn(8, 4)) is None
     torch.testing.assert_close(decode_logits(), native, rtol=1e-5, atol=1e-5)
+
+
+def test_the_activation_codes_agree_with_the_library() -> None:
+    lib = build.library()
+    assert lib is not None
+    assert build.activation_problem(lib) is None
+    assert lib.kvlens_activation_name(kernels.ACTIVATIONS["silu"]) == b"silu"
+
+
+def test_a_library_whose_activation_codes_differ_is_refused(
+    decode_logits: Callable[[], torch.Tensor],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    native = decode_logits()
+    swapped = dict(kernels.ACTIVATIONS, relu=kernels.ACTIVATIONS["silu"])
+    monkeypatch.setattr(kernels, "ACTIVATIONS", swapped)
+    monkeypatch.setattr(build, "_state", {})  # load again, with the disagreement
+    with caplog.at_level(logging.WARNING, logger="kvlens.kernels"):
+        assert not kernels.available()
+    assert "'silu' in the library, 'relu' (relu)" in caplog.text
+    torch.testing.assert_close(decode_logits(), native, rtol=1e-5, atol=1e-5)
