@@ -90,6 +90,7 @@ class KeyValueCache:
         device: torch.device | str | None,
         batch_size: int = 1,
         capacity: int = 0,
+        bounded: bool = False,
     ) -> KeyValueCache:
         """An empty cache for ``cfg``: one entry per layer, each on its block's device.
 
@@ -99,10 +100,19 @@ class KeyValueCache:
             batch_size: Rows of the batch.
             capacity: Positions to preallocate in every layer (e.g. prompt length plus new
                 tokens, so that generation never reallocates); the storage grows past it.
+            bounded: In layers with a sliding window (``cfg.layer_window``), keep only the
+                positions the window can still see (see :class:`KeyValueCacheEntry`): memory
+                stops growing with the context in those layers. Such a cache cannot be saved,
+                shared as a prefix, or cropped to before what it dropped. Default: every
+                position is kept, as TransformerLens does.
         """
         entries = [
             KeyValueCacheEntry.init_cache_entry(
-                cfg, get_device_for_block_index(i, cfg, device), batch_size, capacity
+                cfg,
+                get_device_for_block_index(i, cfg, device),
+                batch_size,
+                capacity,
+                bound=cfg.layer_window(i) if bounded else None,
             )
             for i in range(cfg.n_layers)
         ]
@@ -287,7 +297,8 @@ class KeyValueCache:
         used = 0
         for entry in self.entries:
             per_position = entry.batch_size * entry.n_kv_heads * entry.d_head
-            used += 2 * per_position * entry.length * entry.dtype.itemsize
+            held = entry.length - entry.start
+            used += 2 * per_position * held * entry.dtype.itemsize
         return used + self._mask.nbytes_used
 
     def reserve(self, capacity: int) -> None:
@@ -329,10 +340,7 @@ class KeyValueCache:
         The committed positions are copied once.
         """
         self.check_consistent()
-        entries = [
-            KeyValueCacheEntry(e.past_keys, e.past_values, frozen=e.frozen, capacity=e.capacity)
-            for e in self.entries
-        ]
+        entries = [entry.clone() for entry in self.entries]
         copy = type(self)(entries, self.previous_attention_mask, frozen=self.frozen)
         copy.cfg = self.cfg
         copy.weights_fingerprint = self.weights_fingerprint

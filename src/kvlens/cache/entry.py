@@ -12,6 +12,9 @@ from kvlens.config import ModelConfig
 
 # Smallest capacity a buffer grows to; avoids a run of tiny reallocations during the first steps.
 MIN_CAPACITY = 16
+# Positions a bounded entry holds beyond its window, so that it drops old positions once every
+# BOUNDED_SLACK decode steps rather than every step.
+BOUNDED_SLACK = 64
 
 
 def _grown_capacity(capacity: int, needed: int) -> int:
@@ -32,12 +35,15 @@ class KeySet(NamedTuple):
         prefix_keys: ``[1, kv_head, prefix_pos, d_head]``: keys of one prefix every row
             continues, before the rows' own; ``None`` when there is none.
         prefix_values: Their values.
+        start: Own keys before this one were dropped (a bounded entry): ``keys[:, :, 0]`` is
+            the rows' own position ``start``.
     """
 
     keys: Float[Tensor, "batch kv_head pos d_head"]
     values: Float[Tensor, "batch kv_head pos d_head"]
     prefix_keys: Float[Tensor, "1 kv_head prefix_pos d_head"] | None = None
     prefix_values: Float[Tensor, "1 kv_head prefix_pos d_head"] | None = None
+    start: int = 0
 
 
 class AttentionEntry(Protocol):
@@ -58,6 +64,9 @@ class AttentionEntry(Protocol):
 
     @property
     def d_head(self) -> int: ...
+
+    @property
+    def start(self) -> int: ...
 
     def append_for_attention(self, new_keys: Tensor, new_values: Tensor) -> KeySet: ...
 
@@ -97,6 +106,14 @@ class KeyValueCacheEntry:
     positions appended after it, so a prefix prefilled without grad can be backpropagated through
     by any number of continuations. An append that commits positions without tracking (under
     ``torch.no_grad``) drops the graph, as a ``torch.cat`` made without grad would.
+
+    Bounded (``bound=w``, opt-in, for a sliding-window layer of window ``w``): the entry keeps only
+    the positions a later query can still see. When its storage is full it drops the positions
+    before the last ``w - 1`` committed ones, so it never holds more than ``w - 1`` plus the
+    positions of one pass plus a little slack (``BOUNDED_SLACK``). ``length`` still counts every
+    position appended (layers and mask agree on it); ``start`` is the cache index of the first
+    position still held, and ``past_keys``/``past_values`` hold positions ``start .. length``
+    only, ``[batch, length - start, kv_head, d_head]``.
     """
 
     def __init__(
@@ -106,6 +123,8 @@ class KeyValueCacheEntry:
         frozen: bool = False,
         *,
         capacity: int | None = None,
+        bound: int | None = None,
+        start: int = 0,
     ) -> None:
         """Build an entry holding copies of ``past_keys`` and ``past_values``.
 
@@ -114,7 +133,20 @@ class KeyValueCacheEntry:
             past_values: Values so far, same shape, dtype and device as ``past_keys``.
             frozen: Whether appends leave the committed length unchanged.
             capacity: Positions to preallocate (at least ``pos``); default ``pos``.
+            bound: Keep only what a sliding window of this many keys can still see (see the
+                class docstring); ``None`` keeps every position.
+            start: The cache index of ``past_keys[:, 0]`` (a bounded entry's held positions).
         """
+        if bound is not None and (
+            isinstance(bound, bool) or not isinstance(bound, int) or bound < 1
+        ):
+            raise ValueError(f"bound must be a positive int or None, got {bound!r}")
+        if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+            raise ValueError(f"start must be an int >= 0, got {start!r}")
+        if start and bound is None:
+            raise ValueError("start > 0 needs a bound: only a bounded entry drops positions")
+        self.bound = bound
+        self._start = start
         _check_pair(past_keys, past_values)
         batch, pos, heads, d_head = past_keys.shape
         capacity = pos if capacity is None else capacity
@@ -125,7 +157,7 @@ class KeyValueCacheEntry:
         self._batch, self._heads, self._d_head = batch, heads, d_head
         self._dtype = past_keys.dtype
         self._device = past_keys.device
-        self._length = pos
+        self._length = start + pos
         self._set_storage(
             _new_storage(past_keys, self._batch, self._heads, capacity, self._d_head, pos),
             _new_storage(past_values, self._batch, self._heads, capacity, self._d_head, pos),
@@ -152,6 +184,7 @@ class KeyValueCacheEntry:
         device: torch.device | str | None,
         batch_size: int = 1,
         capacity: int = 0,
+        bound: int | None = None,
     ) -> KeyValueCacheEntry:
         """An empty entry for a layer of ``cfg``.
 
@@ -163,14 +196,17 @@ class KeyValueCacheEntry:
             device: Where the buffers live.
             batch_size: Rows of the batch.
             capacity: Positions to preallocate; the buffers grow past it when needed.
+            bound: Keep only a sliding window of this many keys (see the class docstring).
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if capacity < 0:
             raise ValueError(f"capacity must be >= 0, got {capacity}")
+        if bound is not None:
+            capacity = min(capacity, bound - 1 + BOUNDED_SLACK)
         shape = (batch_size, 0, cfg.n_kv_heads, cfg.d_head)
         empty = torch.empty(shape, dtype=cfg.dtype, device=device)
-        return cls(empty, empty, capacity=capacity)
+        return cls(empty, empty, capacity=capacity, bound=bound)
 
     # Views ------------------------------------------------------------------------------------
 
@@ -179,7 +215,7 @@ class KeyValueCacheEntry:
         """The committed keys: a view of the storage, not a copy (the graph, when one is kept)."""
         if self._graph_keys is not None:
             return self._graph_keys
-        return self._keys_by_pos.narrow(1, 0, self._length)
+        return self._keys_by_pos.narrow(1, 0, self._length - self._start)
 
     @past_keys.setter
     def past_keys(self, keys: Tensor) -> None:
@@ -191,7 +227,7 @@ class KeyValueCacheEntry:
         """The committed values: a view of the storage, not a copy (the graph, when one is kept)."""
         if self._graph_values is not None:
             return self._graph_values
-        return self._values_by_pos.narrow(1, 0, self._length)
+        return self._values_by_pos.narrow(1, 0, self._length - self._start)
 
     @past_values.setter
     def past_values(self, values: Tensor) -> None:
@@ -207,7 +243,8 @@ class KeyValueCacheEntry:
         """Assigning ``past_keys``/``past_values`` writes into the storage (same shape only)."""
         if not isinstance(new, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(new).__name__}")
-        expected = (self.batch_size, self._length, self.n_kv_heads, self.d_head)
+        held = self._length - self._start
+        expected = (self.batch_size, held, self.n_kv_heads, self.d_head)
         if tuple(new.shape) != expected:
             raise ValueError(
                 f"{name} must keep its shape {expected} when assigned, got {tuple(new.shape)}; "
@@ -217,7 +254,7 @@ class KeyValueCacheEntry:
             raise TypeError(f"{name} must have dtype {self.dtype}, got {new.dtype}")
         if new.device != self.device:
             raise ValueError(f"{name} is on {new.device}, this cache entry is on {self.device}")
-        buffer[:, :, : self._length].copy_(new.detach().transpose(1, 2))
+        buffer[:, :, :held].copy_(new.detach().transpose(1, 2))
 
     # Shape facts ------------------------------------------------------------------------------
 
@@ -225,6 +262,11 @@ class KeyValueCacheEntry:
     def length(self) -> int:
         """Committed positions."""
         return self._length
+
+    @property
+    def start(self) -> int:
+        """The cache index of the first position held: 0 unless a bounded entry dropped some."""
+        return self._start
 
     @property
     def batch_size(self) -> int:
@@ -275,13 +317,12 @@ class KeyValueCacheEntry:
             Views of the keys and values of the committed plus the new positions.
         """
         self.check_new(new_keys, new_values)
-        start = self._length
+        self._make_room(new_keys.shape[1])
+        start = self._length - self._start
         end = start + new_keys.shape[1]
         tracked = torch.is_grad_enabled() and (
             new_keys.requires_grad or new_values.requires_grad or self.tracks_graph
         )
-        if end > self._capacity:
-            self.reserve(end)
         if not tracked:
             self._keys_by_pos.narrow(1, start, end - start).copy_(new_keys)
             self._values_by_pos.narrow(1, start, end - start).copy_(new_values)
@@ -294,7 +335,7 @@ class KeyValueCacheEntry:
         self._keys_by_pos.narrow(1, start, end - start).copy_(new_keys.detach())
         self._values_by_pos.narrow(1, start, end - start).copy_(new_values.detach())
         if not self.frozen:
-            self._length = end
+            self._length = self._start + end
             self._graph_keys, self._graph_values = keys, values
         return keys, values
 
@@ -305,7 +346,7 @@ class KeyValueCacheEntry:
     ) -> KeySet:
         """:meth:`append`, returning the keys and values in attention's layout (views)."""
         keys, values = self.append(new_keys, new_values)
-        return KeySet(keys.transpose(1, 2), values.transpose(1, 2))
+        return KeySet(keys.transpose(1, 2), values.transpose(1, 2), start=self._start)
 
     def claim(
         self, n_new: int
@@ -321,13 +362,37 @@ class KeyValueCacheEntry:
 
         :meth:`append` for code that writes the storage itself (the native decode layer):
         returns the key and value storage ``[batch, kv_head, capacity, d_head]`` (grown if need
-        be) and the first position to write. Nothing is committed until :meth:`commit`. An entry
-        whose keys are not all in such a storage (a shared prefix's) returns ``None``.
+        be) and the first position to write (a storage index: the cache index minus
+        :attr:`start`). Nothing is committed until :meth:`commit`. An entry whose keys are not
+        all in such a storage (a shared prefix's) returns ``None``.
         """
-        end = self._length + n_new
-        if end > self._capacity:
-            self.reserve(end)
-        return self._keys, self._values, self._length
+        self._make_room(n_new)
+        return self._keys, self._values, self._length - self._start
+
+    def _make_room(self, n_new: int) -> None:
+        """Storage for ``n_new`` more positions: grown, or for a bounded entry, compacted."""
+        held = self._length - self._start
+        if self.bound is None:
+            if held + n_new > self._capacity:
+                self.reserve(self._length + n_new)
+            return
+        keep_from = max(self._start, self._length - (self.bound - 1))
+        room = (self.bound - 1) + max(n_new, BOUNDED_SLACK)
+        if held + n_new <= self._capacity and self._capacity <= 2 * room:
+            return
+        # Keep the committed positions a query from now on can see (all a checkpoint taken
+        # before this append needs), in storage sized for the window and this pass.
+        kept = self._length - keep_from
+        skip = keep_from - self._start
+        keys = self._keys_by_pos.narrow(1, skip, kept)
+        values = self._values_by_pos.narrow(1, skip, kept)
+        dims = (self._batch, self._heads, room, self._d_head)
+        if self._graph_keys is not None:
+            self._graph_keys = self._graph_keys.narrow(1, skip, kept)
+        if self._graph_values is not None:
+            self._graph_values = self._graph_values.narrow(1, skip, kept)
+        self._set_storage(_new_storage(keys, *dims, kept), _new_storage(values, *dims, kept))
+        self._start = keep_from
 
     def commit(self, n_new: int) -> None:
         """Count ``n_new`` positions written after a :meth:`claim` (unless frozen, as appends)."""
@@ -366,14 +431,22 @@ class KeyValueCacheEntry:
             )
 
     def reserve(self, capacity: int) -> None:
-        """Make room for ``capacity`` positions (growing geometrically); keeps the contents."""
-        if capacity <= self._capacity:
+        """Make room for ``capacity`` positions (growing geometrically); keeps the contents.
+
+        A bounded entry makes room for at most its window and a pass of slack, whatever
+        ``capacity`` says: it drops positions instead of growing.
+        """
+        held = capacity - self._start
+        if self.bound is not None:
+            held = min(held, self.bound - 1 + BOUNDED_SLACK)
+        if held <= self._capacity:
             return
-        new_capacity = _grown_capacity(self._capacity, capacity)
+        new_capacity = _grown_capacity(self._capacity, held)
         dims = (self._batch, self._heads, new_capacity, self._d_head)
+        count = self._length - self._start
         self._set_storage(
-            _new_storage(self.past_keys, *dims, self._length),
-            _new_storage(self.past_values, *dims, self._length),
+            _new_storage(self._keys_by_pos.narrow(1, 0, count), *dims, count),
+            _new_storage(self._values_by_pos.narrow(1, 0, count), *dims, count),
         )
 
     def crop(self, length: int) -> None:
@@ -385,11 +458,21 @@ class KeyValueCacheEntry:
             raise TypeError(f"crop length must be an int, got {type(length).__name__}")
         if not 0 <= length <= self._length:
             raise ValueError(f"crop length must be in [0, {self._length}], got {length}")
+        if self.bound is not None and length > 0 and max(0, length - self.bound + 1) < self._start:
+            raise ValueError(
+                f"cannot crop this bounded cache entry to {length} positions: it dropped the "
+                f"positions before {self._start}, which a query after position {length - 1} "
+                "would see (crop to at least "
+                f"{self._start + self.bound - 1}, or 0, or use an unbounded cache)"
+            )
+        if length == 0:
+            self._start = 0
         self._length = length
+        held = length - self._start
         if self._graph_keys is not None:
-            self._graph_keys = self._graph_keys.narrow(1, 0, length)
+            self._graph_keys = self._graph_keys.narrow(1, 0, held)
         if self._graph_values is not None:
-            self._graph_values = self._graph_values.narrow(1, 0, length)
+            self._graph_values = self._graph_values.narrow(1, 0, held)
 
     def select(self, indices: Tensor) -> None:
         """Keep rows ``indices`` (valid int64 indices, any order, repeats allowed) in place.
@@ -398,7 +481,7 @@ class KeyValueCacheEntry:
         reorder) the storage is reused; otherwise new storage of the same capacity replaces it.
         A graph kept by the entry is selected too, so gradients still reach the chosen rows.
         """
-        length = self._length
+        length = self._length - self._start
         indices = indices.to(self._device)
         keys = self._keys.narrow(2, 0, length).index_select(0, indices)
         values = self._values.narrow(2, 0, length).index_select(0, indices)
@@ -425,10 +508,22 @@ class KeyValueCacheEntry:
         """
         return EntryCheckpoint(self._length, self._graph_keys, self._graph_values)
 
+    def clone(self) -> KeyValueCacheEntry:
+        """An independent copy: contents (and the graph kept, if any), capacity, bound, start
+        and frozen flag."""
+        return KeyValueCacheEntry(
+            self.past_keys,
+            self.past_values,
+            frozen=self.frozen,
+            capacity=self._capacity,
+            bound=self.bound,
+            start=self._start,
+        )
+
     def restore(self, state: EntryCheckpoint) -> None:
         """Go back to ``state`` (taken by :meth:`checkpoint` on this entry since its last
         ``select``): positions appended since are forgotten, those before it are untouched."""
-        if not 0 <= state.length <= self._capacity:
+        if not 0 <= state.length - self._start <= self._capacity:
             raise ValueError(f"checkpoint length {state.length} is outside this entry's storage")
         self._length = state.length
         self._graph_keys, self._graph_values = state.graph_keys, state.graph_values
@@ -445,7 +540,9 @@ class KeyValueCacheEntry:
         return (
             f"KeyValueCacheEntry(batch={self.batch_size}, length={self._length}, "
             f"capacity={self.capacity}, kv_heads={self.n_kv_heads}, d_head={self.d_head}, "
-            f"dtype={self.dtype}, frozen={self.frozen})"
+            f"dtype={self.dtype}, frozen={self.frozen}"
+            + ("" if self.bound is None else f", bound={self.bound}, start={self._start}")
+            + ")"
         )
 
 

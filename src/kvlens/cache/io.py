@@ -54,6 +54,11 @@ def save_cache(
         OSError: Writing failed (no folder, no permission, disk full, ``path`` a directory...);
             the message names ``path``, and any file already there is left as it was.
     """
+    if any(entry.bound is not None for entry in cache.entries):
+        raise ValueError(
+            "a bounded cache holds only its sliding windows and cannot be saved; prefill an "
+            "unbounded cache (KeyValueCache.init_cache(cfg, ..., bounded=False)) to save one"
+        )
     cfg = cfg if cfg is not None else cache.cfg
     if cfg is None:
         raise ValueError(

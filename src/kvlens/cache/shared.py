@@ -79,6 +79,10 @@ class SharedPrefixEntry:
     def d_head(self) -> int:
         return self.suffix.d_head
 
+    @property
+    def start(self) -> int:
+        return self.suffix.start
+
     def __repr__(self) -> str:
         return f"SharedPrefixEntry(prefix={self.prefix!r}, suffix={self.suffix!r})"
 
@@ -119,6 +123,11 @@ class SharedPrefixCache:
         if len(prefix) != len(suffix):
             raise ValueError(
                 f"prefix has {len(prefix)} layers and suffix {len(suffix)}; they must match"
+            )
+        if any(entry.start > 0 for entry in prefix):
+            raise ValueError(
+                "the prefix cache is bounded and has dropped positions its continuations would "
+                "see; share a prefix prefilled into an unbounded cache"
             )
         length = prefix.seq_len
         for i, (p, s) in enumerate(zip(prefix, suffix, strict=True)):

@@ -46,40 +46,41 @@ def attend(
     """Softmax attention of ``q`` over ``keys`` by the layer's rules; the heads' outputs."""
     if hook_attn_scores.has_hooks or hook_pattern.has_hooks or spec.softcap is not None:
         return _eager(q, keys, spec, ctx, hook_attn_scores, hook_pattern)
-    own_k, own_v = keys.keys, keys.values
-    n_new = q.shape[2]
-    if keys.prefix_keys is None or keys.prefix_values is None:
-        if n_new == 1:
-            # One query: only the window's keys are read; within it the query sees every real key.
-            start = window_start(ctx.total_len, spec.window)
-            mask, _ = ctx.own_mask(None)
-            if start > 0:
-                own_k, own_v = own_k[:, :, start:], own_v[:, :, start:]
-                mask = None if mask is None else mask[..., start:]
-            return fused_attention(q, own_k, own_v, mask, False, spec.scale)
-        mask, is_causal = ctx.own_mask(spec.window)
-        return fused_attention(q, own_k, own_v, mask, is_causal, spec.scale)
+    own_k, own_v, held_from = keys.keys, keys.values, keys.start
     prefix_k, prefix_v = keys.prefix_keys, keys.prefix_values
-    if n_new == 1 and spec.window is not None:
-        start = window_start(ctx.total_len, spec.window)
+    if q.shape[2] == 1:
+        # One query per row: only the window's keys are read, and within the window the query
+        # sees every real key, so only padding masks it.
+        begin = window_start(ctx.total_len, spec.window)  # a cache index, the prefix's first
+        skip = max(0, begin - ctx.prefix_len - held_from)
         mask, _ = ctx.own_mask(None)
-        prefix_mask = ctx.prefix_mask(None)
-        own_start = max(0, start - ctx.prefix_len)
-        prefix_start = min(start, ctx.prefix_len)
-        own_k, own_v = own_k[:, :, own_start:], own_v[:, :, own_start:]
-        mask = None if mask is None else mask[..., own_start:]
-        if prefix_start == ctx.prefix_len:  # the window has left the prefix behind
+        own_k, own_v = own_k[:, :, skip:], own_v[:, :, skip:]
+        mask = None if mask is None else mask[..., held_from + skip :]
+        if prefix_k is None or prefix_v is None or begin >= ctx.prefix_len:
             return fused_attention(q, own_k, own_v, mask, False, spec.scale)
-        prefix_k, prefix_v = prefix_k[:, :, prefix_start:], prefix_v[:, :, prefix_start:]
-        prefix_mask = None if prefix_mask is None else prefix_mask[..., prefix_start:]
+        prefix_mask = ctx.prefix_mask(None)
+        prefix_k, prefix_v = prefix_k[:, :, begin:], prefix_v[:, :, begin:]
+        prefix_mask = None if prefix_mask is None else prefix_mask[..., begin:]
         return cascade_attention(
             q, prefix_k, prefix_v, prefix_mask, own_k, own_v, mask, False, spec.scale
         )
-    mask, is_causal = ctx.own_mask(spec.window)
+    mask, is_causal = _own_mask(ctx, spec, held_from)
+    if prefix_k is None or prefix_v is None:
+        return fused_attention(q, own_k, own_v, mask, is_causal, spec.scale)
     return cascade_attention(
         q, prefix_k, prefix_v, ctx.prefix_mask(spec.window), own_k, own_v, mask, is_causal,
         spec.scale,
     )  # fmt: skip
+
+
+def _own_mask(
+    ctx: AttentionContext, spec: AttentionSpec, held_from: int
+) -> tuple[Tensor | None, bool]:
+    """The mask over the own keys held (from own position ``held_from``) and ``is_causal``."""
+    mask, is_causal = ctx.own_mask(spec.window)
+    if held_from and mask is not None:
+        mask = mask[..., held_from:]
+    return mask, is_causal
 
 
 def _eager(
@@ -90,8 +91,8 @@ def _eager(
     hook_attn_scores: HookPoint,
     hook_pattern: HookPoint,
 ) -> Float[Tensor, "batch head_index pos d_head"]:
-    """Scores and pattern over every key (a shared prefix's first), through their hooks."""
-    mask, is_causal = ctx.own_mask(spec.window)
+    """Scores and pattern over every key held (a shared prefix's first), through their hooks."""
+    mask, is_causal = _own_mask(ctx, spec, keys.start)
     scores = masked_scores(q, keys.keys, spec, mask, is_causal)
     if keys.prefix_keys is None or keys.prefix_values is None:
         pattern = hook_pattern(attention_pattern(hook_attn_scores(scores)))

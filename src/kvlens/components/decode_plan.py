@@ -56,6 +56,8 @@ class DecodePlan(NamedTuple):
             return None
         keys, values, pos = claimed
         mask, _ = ctx.own_mask(None)
+        if mask is not None and entry.start:
+            mask = mask[..., entry.start :]  # positions a bounded entry dropped
         first = window_start(pos + 1, attn.window)
         out = decode_layer(
             resid_pre, self.weights, self.kind, attn.n_heads, attn.d_head, keys, values, pos,
