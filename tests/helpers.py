@@ -15,6 +15,15 @@ import torch
 from kvlens.model import HookedTransformer
 
 FAMILIES = ("gpt2", "pythia", "llama", "mistral", "qwen2")
+# Families with sliding-window layers (Mistral and Qwen2 with a window given by their overrides,
+# see ``WINDOW_OVERRIDES``); kept apart from ``FAMILIES``, which many tests iterate.
+WINDOW_FAMILIES = ("gemma2", "mistral", "qwen2")
+# Tiny windows for Mistral (every layer) and Qwen2 (layers from ``max_window_layers`` on).
+WINDOW_OVERRIDES: dict[str, dict[str, Any]] = {
+    "gemma2": {},
+    "mistral": dict(sliding_window=5),
+    "qwen2": dict(use_sliding_window=True, sliding_window=5, max_window_layers=1),
+}
 VOCAB = 97
 N_CTX = 64
 
@@ -55,8 +64,25 @@ def hf_config(family: str, **overrides: Any) -> Any:
             "mistral": transformers.MistralConfig,
             "qwen2": transformers.Qwen2Config,
         }[family]
+    elif family == "gemma2":
+        # Soft caps small enough to bend tiny random scores and logits; layer 0 is local.
+        fields = dict(
+            num_hidden_layers=3,
+            hidden_size=32,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            intermediate_size=48,
+            max_position_embeddings=N_CTX,
+            rope_theta=500.0,
+            query_pre_attn_scalar=12,
+            sliding_window=6,
+            attn_logit_softcapping=3.0,
+            final_logit_softcapping=3.0,
+        )
+        cls = transformers.Gemma2Config
     else:
-        raise ValueError(f"unknown family {family!r}; known: {FAMILIES}")
+        raise ValueError(f"unknown family {family!r}; known: {(*FAMILIES, 'gemma2')}")
     fields["vocab_size"] = VOCAB
     fields.update(overrides)
     return cls(**fields)
@@ -122,3 +148,17 @@ def padding_mask(
 def hf_positions(mask: torch.Tensor) -> torch.Tensor:
     """The position ids HF's ``generate`` derives from a mask: pad tokens consume none."""
     return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def tiny_tokenizer() -> Any:
+    """A word-level fast tokenizer over ``VOCAB`` ids: ``<pad>`` 0, ``<eos>`` 1, ``<bos>`` 2
+    (Gemma's ids), then ``w3 .. w96``; it adds no BOS itself. Built in memory, nothing read."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2} | {f"w{i}": i for i in range(3, VOCAB)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>"
+    )

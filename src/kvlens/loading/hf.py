@@ -1,4 +1,5 @@
-"""HF ``transformers`` configs and state dicts to kvlens's: GPT-2, GPT-NeoX, Llama, Mistral, Qwen2.
+"""HF ``transformers`` configs and state dicts to kvlens's: GPT-2, GPT-NeoX, Llama, Mistral, Qwen2,
+Gemma 2.
 
 ``config_from_hf`` reads a ``PretrainedConfig``; ``convert_hf_state_dict`` maps a state dict with
 HF's parameter names (as ``model.state_dict()`` or a checkpoint file holds them) to kvlens's
@@ -8,17 +9,14 @@ names and layouts, checking every shape (the per-family converters are in ``hf_w
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from kvlens.config import ActFn, ModelConfig
+from kvlens.config import ActFn, AttnType, ModelConfig
 from kvlens.loading.hf_weights import CONVERTERS
-
-logger = logging.getLogger(__name__)
 
 # HF model_type -> the architecture name kvlens records and dispatches the weights on.
 _ARCHITECTURES = {
@@ -27,7 +25,11 @@ _ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
 }
+
+# HF ``layer_types`` entries -> kvlens ``attn_types``.
+_LAYER_TYPES: dict[str, AttnType] = {"sliding_attention": "local", "full_attention": "global"}
 
 _ACT_FNS: dict[str, ActFn] = {
     "gelu": "gelu",
@@ -51,7 +53,7 @@ def config_from_hf(
 
     Args:
         hf_config: A ``transformers.PretrainedConfig`` (``GPT2Config``, ``GPTNeoXConfig``,
-            ``LlamaConfig``, ``MistralConfig`` or ``Qwen2Config``).
+            ``LlamaConfig``, ``MistralConfig``, ``Qwen2Config`` or ``Gemma2Config``).
         dtype: Dtype of the weights; default the config's ``dtype``/``torch_dtype`` when it is
             a float type, else float32.
         device: Device of the weights (default: torch's default).
@@ -156,7 +158,7 @@ def _llama_like_config(c: Any) -> dict[str, Any]:
         d_model=c.hidden_size,
         n_heads=c.num_attention_heads,
         d_head=d_head,
-        n_ctx=_context_within_window(c),
+        n_ctx=int(c.max_position_embeddings),
         d_vocab=c.vocab_size,
         d_mlp=c.intermediate_size,
         n_key_value_heads=getattr(c, "num_key_value_heads", None) or c.num_attention_heads,
@@ -170,28 +172,85 @@ def _llama_like_config(c: Any) -> dict[str, Any]:
         attn_qkv_bias=qkv_bias,
         attn_out_bias=out_bias,
         mlp_bias=bool(getattr(c, "mlp_bias", False)),
+        **_window_fields(c),
     )
 
 
-def _context_within_window(c: Any) -> int:
-    """``max_position_embeddings``, capped at the sliding window where one applies.
+def _gemma2_config(c: Any) -> dict[str, Any]:
+    """Gemma 2: Llama-like, plus norms after attention and after the MLP, its own query scale,
+    soft-capped attention scores and logits, and local (sliding) layers among global ones.
 
-    kvlens attends to all earlier tokens. Within the window that equals sliding-window
-    attention, so capping ``n_ctx`` there keeps results exact and makes longer inputs an error.
+    The embedding's ``sqrt(d_model)`` factor and the norms' ``1 + w`` are folded into the
+    weights by the converter (as TransformerLens does), so no config field holds them.
     """
-    n_ctx = int(c.max_position_embeddings)
+    _check_rope_scaling(c)
+    bias = bool(getattr(c, "attention_bias", False))
+    act = getattr(c, "hidden_activation", None) or c.hidden_act
+    return dict(
+        n_layers=c.num_hidden_layers,
+        d_model=c.hidden_size,
+        n_heads=c.num_attention_heads,
+        d_head=c.head_dim,
+        n_ctx=int(c.max_position_embeddings),
+        d_vocab=c.vocab_size,
+        d_mlp=c.intermediate_size,
+        n_key_value_heads=getattr(c, "num_key_value_heads", None) or c.num_attention_heads,
+        act_fn=_act_fn(act),
+        normalization_type="RMS",
+        eps=c.rms_norm_eps,
+        positional_embedding_type="rotary",
+        rotary_base=float(c.rope_theta),
+        rotary_adjacent_pairs=False,
+        gated_mlp=True,
+        attn_qkv_bias=bias,
+        attn_out_bias=bias,
+        mlp_bias=False,
+        attn_scale=float(c.query_pre_attn_scalar) ** 0.5,
+        attn_scores_soft_cap=_soft_cap(getattr(c, "attn_logit_softcapping", None)),
+        output_logits_soft_cap=_soft_cap(getattr(c, "final_logit_softcapping", None)),
+        use_normalization_before_and_after=True,
+        **_window_fields(c),
+    )
+
+
+def _soft_cap(value: float | None) -> float:
+    """HF's soft cap (``None`` is off) as kvlens's (``-1`` is off)."""
+    return float(value) if value else -1.0
+
+
+def _window_fields(c: Any) -> dict[str, Any]:
+    """``window_size`` and ``attn_types`` as HF 4.57's attention reads them.
+
+    Llama has no window. Mistral's ``sliding_window`` (``None``: none) applies to every layer
+    (its model ignores ``layer_types``). Qwen2 and Gemma 2 give each layer's kind in
+    ``layer_types``; Qwen2 slides only with ``use_sliding_window``. Without ``layer_types``, HF
+    makes Qwen2's layers ``i >= max_window_layers`` sliding and Gemma 2's even layers.
+    """
     window = getattr(c, "sliding_window", None)
+    if c.model_type == "llama" or (
+        c.model_type == "qwen2" and not getattr(c, "use_sliding_window", False)
+    ):
+        window = None
+    if window is None:
+        return dict(window_size=None, attn_types=None)
+    if c.model_type == "mistral":
+        return dict(window_size=int(window), attn_types=None)
     layer_types = getattr(c, "layer_types", None)
-    if c.model_type == "qwen2":
-        slides = bool(getattr(c, "use_sliding_window", False)) and (
-            layer_types is None or "sliding_attention" in layer_types
-        )
-    else:
-        slides = layer_types is None or "sliding_attention" in layer_types
-    if slides and window is not None and window < n_ctx:
-        logger.info("capping n_ctx at the sliding window %d (was %d)", window, n_ctx)
-        return int(window)
-    return n_ctx
+    if layer_types is None:  # what HF 4.57 builds then
+        first = int(getattr(c, "max_window_layers", 0)) if c.model_type == "qwen2" else 0
+        layer_types = [
+            "sliding_attention"
+            if (i >= first if c.model_type == "qwen2" else i % 2 == 0)
+            else "full_attention"
+            for i in range(c.num_hidden_layers)
+        ]
+    unknown = sorted(set(layer_types) - set(_LAYER_TYPES))
+    if unknown:
+        raise ValueError(f"hf_config.layer_types has {unknown}; supported: {sorted(_LAYER_TYPES)}")
+    attn_types = tuple(_LAYER_TYPES[t] for t in layer_types)
+    if "local" not in attn_types:
+        return dict(window_size=None, attn_types=None)
+    return dict(window_size=int(window), attn_types=attn_types)
 
 
 _CONFIG_READERS: dict[str, Callable[[Any], dict[str, Any]]] = {
@@ -200,6 +259,7 @@ _CONFIG_READERS: dict[str, Callable[[Any], dict[str, Any]]] = {
     "llama": _llama_like_config,
     "mistral": _llama_like_config,
     "qwen2": _llama_like_config,
+    "gemma2": _gemma2_config,
 }
 
 
@@ -212,7 +272,7 @@ def convert_hf_state_dict(cfg: ModelConfig, hf_state_dict: dict[str, Tensor]) ->
     Args:
         cfg: The config from :func:`config_from_hf`; ``cfg.original_architecture`` picks the
             converter (``"GPT2LMHeadModel"``, ``"GPTNeoXForCausalLM"``, ``"LlamaForCausalLM"``,
-            ``"MistralForCausalLM"``, ``"Qwen2ForCausalLM"``).
+            ``"MistralForCausalLM"``, ``"Qwen2ForCausalLM"``, ``"Gemma2ForCausalLM"``).
         hf_state_dict: Tensors under HF's names. A checkpoint of a model with tied embeddings may
             leave out ``lm_head.weight``; the embedding is then used (and copied: kvlens keeps
             its own ``unembed.W_U``).

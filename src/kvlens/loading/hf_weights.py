@@ -116,32 +116,72 @@ def convert_gpt_neox(cfg: ModelConfig, hf_state_dict: dict[str, Tensor]) -> dict
 def convert_llama_like(cfg: ModelConfig, hf_state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
     """Llama, Mistral, Qwen2: separate q/k/v/o projections, gated MLP, RMSNorm."""
     r = _Reader(hf_state_dict)
-    d, d_mlp, dh = cfg.d_model, cfg.d_mlp_resolved, cfg.d_head
-    q_width, kv_width = cfg.n_heads * dh, cfg.n_kv_heads * dh
-    out = {"embed.W_E": r.take("model.embed_tokens.weight", (cfg.d_vocab, d))}
+    out = {"embed.W_E": r.take("model.embed_tokens.weight", (cfg.d_vocab, cfg.d_model))}
     for i in range(cfg.n_layers):
         h, b = f"model.layers.{i}.", f"blocks.{i}."
         out |= _norm(r, cfg, h + "input_layernorm", b + "ln1")
         out |= _norm(r, cfg, h + "post_attention_layernorm", b + "ln2")
-        widths = {"q": q_width, "k": kv_width, "v": kv_width}
-        qkv = [r.take(f"{h}self_attn.{x}_proj.weight", (w, d)) for x, w in widths.items()]
-        out[b + "attn.W_QKV"] = torch.cat(qkv, dim=0).T
-        if cfg.attn_qkv_bias:
-            biases = [r.take(f"{h}self_attn.{x}_proj.bias", (w,)) for x, w in widths.items()]
-            out[b + "attn.b_QKV"] = torch.cat(biases)
-        out[b + "attn.W_O_flat"] = r.take(h + "self_attn.o_proj.weight", (d, q_width)).T
-        if cfg.attn_out_bias:
-            out[b + "attn.b_O"] = r.take(h + "self_attn.o_proj.bias", (d,))
-        gate_up = [r.take(f"{h}mlp.{x}_proj.weight", (d_mlp, d)) for x in ("gate", "up")]
-        out[b + "mlp.W_gate_in"] = torch.cat(gate_up, dim=0).T
-        out[b + "mlp.W_out"] = r.take(h + "mlp.down_proj.weight", (d, d_mlp)).T
-        if cfg.mlp_bias:
-            gate_up_b = [r.take(f"{h}mlp.{x}_proj.bias", (d_mlp,)) for x in ("gate", "up")]
-            out[b + "mlp.b_gate_in"] = torch.cat(gate_up_b)
-            out[b + "mlp.b_out"] = r.take(h + "mlp.down_proj.bias", (d,))
+        out |= _attention_and_mlp(r, cfg, h, b)
     out |= _norm(r, cfg, "model.norm", "ln_final")
     out["unembed.W_U"] = _unembed(r, cfg, "lm_head.weight", out["embed.W_E"])
     r.finish()
+    return out
+
+
+def convert_gemma2(cfg: ModelConfig, hf_state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Gemma 2: Llama's projections, four norms a layer, and two factors folded into weights.
+
+    HF's Gemma RMSNorm scales by ``1 + w``, so each norm's ``w`` gets ``+ 1``; HF multiplies the
+    embeddings by ``sqrt(d_model)`` (rounded to the weights' dtype, as HF does), so ``W_E`` is
+    scaled by it, while the tied unembedding keeps the unscaled matrix (both as TransformerLens).
+    """
+    r = _Reader(hf_state_dict)
+    embed = r.take("model.embed_tokens.weight", (cfg.d_vocab, cfg.d_model))
+    normalizer = torch.tensor(cfg.d_model**0.5, dtype=embed.dtype)
+    out = {"embed.W_E": embed * normalizer}
+    norms = {
+        "input_layernorm": "ln1",
+        "post_attention_layernorm": "ln1_post",
+        "pre_feedforward_layernorm": "ln2",
+        "post_feedforward_layernorm": "ln2_post",
+    }
+    for i in range(cfg.n_layers):
+        h, b = f"model.layers.{i}.", f"blocks.{i}."
+        for hf_name, name in norms.items():
+            out |= _one_plus(_norm(r, cfg, h + hf_name, b + name))
+        out |= _attention_and_mlp(r, cfg, h, b)
+    out |= _one_plus(_norm(r, cfg, "model.norm", "ln_final"))
+    out["unembed.W_U"] = _unembed(r, cfg, "lm_head.weight", embed)
+    r.finish()
+    return out
+
+
+def _one_plus(norm: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A Gemma norm's ``1 + w`` as a plain scale, added in fp32 as HF does (no bias)."""
+    return {name: 1.0 + w.float() for name, w in norm.items()}
+
+
+def _attention_and_mlp(r: _Reader, cfg: ModelConfig, h: str, b: str) -> dict[str, Tensor]:
+    """One layer's q/k/v/o projections and gated MLP (Llama's names, under HF prefix ``h``)."""
+    d, d_mlp, dh = cfg.d_model, cfg.d_mlp_resolved, cfg.d_head
+    q_width, kv_width = cfg.n_heads * dh, cfg.n_kv_heads * dh
+    out = {}
+    widths = {"q": q_width, "k": kv_width, "v": kv_width}
+    qkv = [r.take(f"{h}self_attn.{x}_proj.weight", (w, d)) for x, w in widths.items()]
+    out[b + "attn.W_QKV"] = torch.cat(qkv, dim=0).T
+    if cfg.attn_qkv_bias:
+        biases = [r.take(f"{h}self_attn.{x}_proj.bias", (w,)) for x, w in widths.items()]
+        out[b + "attn.b_QKV"] = torch.cat(biases)
+    out[b + "attn.W_O_flat"] = r.take(h + "self_attn.o_proj.weight", (d, q_width)).T
+    if cfg.attn_out_bias:
+        out[b + "attn.b_O"] = r.take(h + "self_attn.o_proj.bias", (d,))
+    gate_up = [r.take(f"{h}mlp.{x}_proj.weight", (d_mlp, d)) for x in ("gate", "up")]
+    out[b + "mlp.W_gate_in"] = torch.cat(gate_up, dim=0).T
+    out[b + "mlp.W_out"] = r.take(h + "mlp.down_proj.weight", (d, d_mlp)).T
+    if cfg.mlp_bias:
+        gate_up_b = [r.take(f"{h}mlp.{x}_proj.bias", (d_mlp,)) for x in ("gate", "up")]
+        out[b + "mlp.b_gate_in"] = torch.cat(gate_up_b)
+        out[b + "mlp.b_out"] = r.take(h + "mlp.down_proj.bias", (d,))
     return out
 
 
@@ -151,4 +191,5 @@ CONVERTERS: dict[str, Callable[[ModelConfig, dict[str, Tensor]], dict[str, Tenso
     "LlamaForCausalLM": convert_llama_like,
     "MistralForCausalLM": convert_llama_like,
     "Qwen2ForCausalLM": convert_llama_like,
+    "Gemma2ForCausalLM": convert_gemma2,
 }

@@ -35,12 +35,97 @@ def test_llama_family_configs() -> None:
     assert config_from_hf(hf_config("llama", head_dim=16)).d_head == 16
 
 
-def test_sliding_window_caps_n_ctx() -> None:
-    assert config_from_hf(hf_config("mistral", sliding_window=16)).n_ctx == 16
-    assert config_from_hf(hf_config("mistral", sliding_window=None)).n_ctx == 64
-    qwen = hf_config("qwen2", use_sliding_window=True, sliding_window=16, max_window_layers=0)
-    assert config_from_hf(qwen).n_ctx == 16
-    assert config_from_hf(hf_config("qwen2", sliding_window=16)).n_ctx == 64  # not in use
+def test_gemma2_config() -> None:
+    cfg = config_from_hf(hf_config("gemma2", rms_norm_eps=1e-5, rope_theta=321.0))
+    assert cfg.original_architecture == "Gemma2ForCausalLM"
+    assert (cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.d_head) == (3, 32, 4, 2, 8)
+    assert cfg.d_mlp == 48 and cfg.n_ctx == 64 and cfg.d_vocab == 97
+    assert cfg.normalization_type == "RMS" and cfg.eps == 1e-5 and cfg.final_norm
+    assert cfg.positional_embedding_type == "rotary" and cfg.rotary_base == 321.0
+    assert not cfg.rotary_adjacent_pairs and cfg.rotary_dim is None
+    assert cfg.gated_mlp and cfg.act_fn == "gelu_pytorch_tanh"
+    assert not (cfg.attn_qkv_bias or cfg.attn_out_bias or cfg.mlp_bias)
+    assert cfg.attn_scale == pytest.approx(12**0.5)
+    assert cfg.attn_scores_soft_cap == 3.0 and cfg.output_logits_soft_cap == 3.0
+    assert cfg.use_normalization_before_and_after
+    # HF 4.57 makes the even layers sliding (TransformerLens's order is the other way round).
+    assert cfg.window_size == 6 and cfg.attn_types == ("local", "global", "local")
+
+
+def test_gemma2_config_variants() -> None:
+    off = config_from_hf(
+        hf_config("gemma2", attn_logit_softcapping=None, final_logit_softcapping=None)
+    )
+    assert off.attn_scores_soft_cap == -1 and off.output_logits_soft_cap == -1
+    biased = config_from_hf(hf_config("gemma2", attention_bias=True))
+    assert biased.attn_qkv_bias and biased.attn_out_bias and not biased.mlp_bias
+    types = ["full_attention", "sliding_attention", "sliding_attention"]
+    assert config_from_hf(hf_config("gemma2", layer_types=types)).attn_types == (
+        "global",
+        "local",
+        "local",
+    )
+    all_global = config_from_hf(hf_config("gemma2", layer_types=["full_attention"] * 3))
+    assert all_global.window_size is None and all_global.attn_types is None
+    old = hf_config("gemma2", hidden_act="gelu")
+    old.hidden_activation = None  # configs from before hidden_activation existed
+    assert config_from_hf(old).act_fn == "gelu"
+    unknown = hf_config("gemma2")
+    unknown.layer_types = ["sliding_attention", "chunked_attention", "full_attention"]
+    with pytest.raises(ValueError, match=r"layer_types has \['chunked_attention'\]"):
+        config_from_hf(unknown)
+
+
+def test_mistral_window_applies_to_every_layer() -> None:
+    cfg = config_from_hf(hf_config("mistral", sliding_window=16))
+    assert cfg.window_size == 16 and cfg.attn_types is None and cfg.n_ctx == 64
+    assert [cfg.layer_window(i) for i in range(2)] == [16, 16]
+    none = config_from_hf(hf_config("mistral", sliding_window=None))
+    assert none.window_size is None and none.n_ctx == 64
+    wide = config_from_hf(hf_config("mistral", sliding_window=4096))  # wider than n_ctx: kept
+    assert wide.window_size == 4096 and wide.n_ctx == 64
+    # Mistral's model slides in every layer even when its config names layer types.
+    typed = config_from_hf(
+        hf_config("mistral", sliding_window=8, layer_types=["full_attention"] * 2)
+    )
+    assert typed.window_size == 8 and typed.attn_types is None
+
+
+def test_qwen2_window_follows_layer_types() -> None:
+    on = dict(use_sliding_window=True, sliding_window=16)
+    cfg = config_from_hf(hf_config("qwen2", **on, max_window_layers=1))
+    assert cfg.window_size == 16 and cfg.attn_types == ("global", "local") and cfg.n_ctx == 64
+    every = config_from_hf(hf_config("qwen2", **on, max_window_layers=0))
+    assert every.attn_types == ("local", "local")
+    # max_window_layers covers every layer, or use_sliding_window is off: no window.
+    assert config_from_hf(hf_config("qwen2", **on, max_window_layers=2)).window_size is None
+    off = config_from_hf(hf_config("qwen2", sliding_window=16))
+    assert off.window_size is None and off.attn_types is None and off.n_ctx == 64
+    explicit = hf_config("qwen2", **on, layer_types=["sliding_attention", "full_attention"])
+    assert config_from_hf(explicit).attn_types == ("local", "global")
+    older = hf_config("qwen2", **on, max_window_layers=1)
+    del older.layer_types  # a config object from before HF had layer_types
+    assert config_from_hf(older).attn_types == ("global", "local")
+
+
+def test_llama_has_no_window() -> None:
+    cfg = config_from_hf(hf_config("llama", sliding_window=8))
+    assert cfg.window_size is None and cfg.attn_types is None and cfg.n_ctx == 64
+
+
+def test_gemma2_converter_checks_every_norm() -> None:
+    hf_model = make_hf_model("gemma2")
+    cfg = config_from_hf(hf_model.config)
+    state = dict(hf_model.state_dict())
+    missing = {k: v for k, v in state.items() if "layers.2.post_feedforward_layernorm" not in k}
+    with pytest.raises(ValueError, match=r"has no 'model\.layers\.2\.post_feedforward_layernorm"):
+        convert_hf_state_dict(cfg, missing)
+    converted = convert_hf_state_dict(cfg, state)
+    rebuilt = HookedTransformer(cfg, init_weights=False)
+    rebuilt.load_state_dict(converted, strict=True)
+    assert sum(name.endswith("_post.w") for name in converted) == 2 * cfg.n_layers
+    half = convert_hf_state_dict(cfg.replace(dtype=torch.bfloat16), state)
+    assert all(t.dtype == torch.bfloat16 and t.is_contiguous() for t in half.values())
 
 
 def test_dtype_and_unsupported_configs() -> None:
