@@ -177,7 +177,9 @@ def attention_by_context() -> dict[int, tuple[float, float]]:
         q = torch.randn(1, 1, 9, 64).transpose(1, 2)
         k, v = torch.randn(1, 3, keys, 64), torch.randn(1, 3, keys, 64)
         folded = q.reshape(1, 3, 3, 64)
-        native = median_seconds(lambda q=q, k=k, v=v: kernels.decode_attention(q, k, v), 200)
+        native = median_seconds(
+            lambda q=q, k=k, v=v: kernels.decode_attention(q, k, v, scale=q.shape[-1] ** -0.5), 200
+        )
         sdpa = median_seconds(
             lambda f=folded, k=k, v=v: torch.nn.functional.scaled_dot_product_attention(f, k, v),
             200,

@@ -20,7 +20,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from kvlens.decode import decode_step, prefill
+from kvlens.decode import decode_step, run_prompt
 from kvlens.generation_config import EarlyStopping
 
 if TYPE_CHECKING:
@@ -69,7 +69,7 @@ def beam_search(
         )
     device = tokens.device
     pos = tokens.shape[1]
-    logits, cache = prefill(model, tokens, capacity=pos + max_new_tokens)
+    logits, cache = run_prompt(model, tokens, capacity=pos + max_new_tokens)
     eos = torch.tensor(list(eos_token_ids), dtype=torch.long, device=device)
     keep = max(2, 1 + len(eos_token_ids)) * num_beams
     running_scores = torch.full((num_beams,), _MASKED, device=device)

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from kvlens.cache import KeyValueCache
-from kvlens.decode import decode_step, prefill
+from kvlens.decode import decode_step, run_prompt
 from kvlens.sampling import SamplingConfig, sample_logits
 from kvlens.tokens import stream_decode
 
@@ -174,7 +174,9 @@ class ChatSession:
         Every answer token is fed to the model, so the cache ends holding the whole answer.
         """
         eos = self.model.tokenizer.eos_token_id
-        logits, self.cache = prefill(self.model, tokens, None, self.cache, tokens.shape[1] + budget)
+        logits, self.cache = run_prompt(
+            self.model, tokens, None, self.cache, tokens.shape[1] + budget
+        )
         self.tokens_prefilled += tokens.shape[1]
         self.tokens.extend(tokens[0].tolist())
         for _ in range(budget):

@@ -228,6 +228,12 @@ def cmd_info(args: argparse.Namespace) -> None:
 
     native = "yes" if kernels.available() else "no (torch does their work)"
     print(f"native decode kernels: {native}")
+    if kernels.available():
+        reasons = [block.decode_plan_reason for block in model.blocks]
+        fused = sum(reason is None for reason in reasons)
+        print(f"fused decode layer: {fused} of {len(reasons)} blocks")
+        for reason in sorted({r for r in reasons if r is not None}):
+            print(f"  op by op: {reason}")
 
 
 COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info}

@@ -1,6 +1,6 @@
-"""The decode loop: prefill once, then one decode step per token through the key-value cache.
+"""The decode loop: run the prompt once, then one decode step per token through the cache.
 
-Small free functions (``prefill``, ``decode_step``, ``generate_tokens``) that import no decoding
+Small free functions (``run_prompt``, ``decode_step``, ``generate_tokens``) that import no decoding
 strategy, so that :mod:`kvlens.beam` and :mod:`kvlens.speculative` build on them and
 :mod:`kvlens.generate` (the model's ``generate``) imports both without a cycle.
 """
@@ -50,16 +50,18 @@ def last_position_logits(
     return model.unembed(resid)[:, 0]
 
 
-def prefill(
+def run_prompt(
     model: HookedTransformer,
     tokens: Int[Tensor, "batch pos"],
     attention_mask: Int[Tensor, "batch pos"] | None = None,
     cache: KeyValueCache | None = None,
     capacity: int = 0,
 ) -> tuple[Float[Tensor, "batch d_vocab"], KeyValueCache]:
-    """Fill a cache with ``tokens`` (a new cache unless one is given).
+    """The generation loop's first step: ``tokens`` into a cache (a new one unless given).
 
-    ``attention_mask=None`` means every token is real.
+    Unlike :meth:`HookedTransformer.prefill` (the public way to fill a cache, which returns the
+    cache only and infers padding as TransformerLens does), this unembeds the last position only
+    and reads ``attention_mask=None`` as every token real, as a generation loop needs.
 
     Returns:
         The logits of the last position and the cache.
@@ -147,7 +149,7 @@ def generate_tokens(
         )
         logits = last_position_logits(model, tokens, attention_mask, cache)
     elif use_past_kv_cache:
-        logits, cache = prefill(
+        logits, cache = run_prompt(
             model, tokens, attention_mask, past_kv_cache, tokens.shape[1] + max_new_tokens
         )
     else:

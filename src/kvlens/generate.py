@@ -3,7 +3,7 @@
 They turn text into tokens and TransformerLens's keyword arguments into one
 :class:`~kvlens.generation_config.GenerationConfig`, then run the decode loop
 (:mod:`kvlens.decode`) or a strategy (:mod:`kvlens.strategies`), and turn tokens back into text.
-The loop's functions are re-exported here (``from kvlens.generate import prefill`` keeps working).
+The loop's functions are re-exported here (``from kvlens.generate import run_prompt``).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from kvlens.cache import KeyValueCache
-from kvlens.decode import decode_step, generate_tokens, last_position_logits, left_align, prefill
+from kvlens.decode import decode_step, generate_tokens, last_position_logits, left_align, run_prompt
 from kvlens.generation_config import GenerationConfig
 from kvlens.sampling import SamplingConfig
 from kvlens.strategies import strategy_new_tokens
@@ -31,7 +31,7 @@ __all__ = [
     "generate_tokens",
     "last_position_logits",
     "left_align",
-    "prefill",
+    "run_prompt",
 ]
 
 GenerateReturnType = Literal["input", "str", "tokens"]  # what generate returns

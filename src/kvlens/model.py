@@ -192,7 +192,8 @@ class HookedTransformer(TokenizerMixin, GenerationMixin, HookedRootModule):
         tokenizer: Any = None,
         default_padding_side: PaddingSide = "right",
     ) -> HookedTransformer:
-        """Convert an in-memory ``transformers`` causal LM (GPT-2, GPT-NeoX, Llama, Mistral, Qwen2).
+        """Convert an in-memory ``transformers`` causal LM (GPT-2, GPT-NeoX, Llama, Mistral, Qwen2,
+        Gemma 2).
 
         Args:
             hf_model: The HF model; its weights are copied, it is not modified.

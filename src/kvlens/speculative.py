@@ -18,7 +18,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from kvlens.cache import KeyValueCache
-from kvlens.decode import last_position_logits, prefill
+from kvlens.decode import last_position_logits, run_prompt
 
 if TYPE_CHECKING:
     from kvlens.model import HookedTransformer
@@ -74,7 +74,7 @@ def speculative_generate(
     if max_new_tokens == 0:
         return tokens[:, :0]
     capacity = pos + max_new_tokens + num_speculative_tokens + 1
-    logits, target_cache = prefill(target, tokens, capacity=capacity)
+    logits, target_cache = run_prompt(target, tokens, capacity=capacity)
     draft_cache = KeyValueCache.init_cache(draft.cfg, draft.cfg.device, 1, capacity)
     sequence: list[int] = [*tokens[0].tolist(), int(logits.argmax(-1))]
     eos = set(eos_token_ids)

@@ -11,7 +11,7 @@ import torch
 from tests.tiny_models import tiny_llama_with_tokenizer
 
 from kvlens.chat import ChatSession
-from kvlens.generate import prefill
+from kvlens.generate import run_prompt
 from kvlens.sampling import SamplingConfig
 
 END_OF_TURN = "<|im_end|>\n"  # what SmolLM2's template writes after an answer, not yet prefilled
@@ -79,7 +79,7 @@ def test_cache_after_two_turns_equals_a_fresh_prefill_of_the_same_tokens(model):
     chat.ask("Hi there", max_new_tokens=5)
     chat.ask("Tell me more", max_new_tokens=5)
     tokens = torch.tensor([chat.tokens])
-    _, fresh = prefill(model, tokens)
+    _, fresh = run_prompt(model, tokens)
     for layer in range(model.cfg.n_layers):
         torch.testing.assert_close(chat.cache[layer].past_keys, fresh[layer].past_keys)
         torch.testing.assert_close(chat.cache[layer].past_values, fresh[layer].past_values)

@@ -120,6 +120,8 @@ def test_info_prints_config_and_cache_bytes_per_token(tiny_folder, capsys):
     assert "kv cache bytes per token: 256" in out
     assert "n_layers: 2" in out
     assert "native decode kernels: " in out
+    if "native decode kernels: yes" in out:
+        assert "fused decode layer: 2 of 2 blocks" in out
 
 
 @pytest.mark.parametrize(

@@ -90,7 +90,7 @@ class AttentionContext:
         if self.own_real is None and not windowed:
             if n_new == 1:
                 return None, False
-            if own == n_new and self.prefix_len == 0:
+            if own == n_new:  # the own keys are the new tokens: plain causal
                 return None, True
         mask = visible(n_new, own, self.prefix_len, self.own_real, window, self.device)
         return mask, False

@@ -14,7 +14,13 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from kvlens import kernels
-from kvlens.components.attention_rules import AttentionSpec, causal_mask
+from kvlens.components.attention_rules import (
+    AttentionSpec,
+    causal_mask,
+    default_scale,
+    fold_heads,
+    unfold_heads,
+)
 
 
 def masked_scores(
@@ -40,7 +46,7 @@ def attention_scores(
     is_causal: bool,
 ) -> Float[Tensor, "batch head_index pos kv_pos"]:
     """:func:`masked_scores` with the default rules: scale ``1 / sqrt(d_head)``, no cap."""
-    spec = AttentionSpec(q.shape[1], k.shape[1], q.shape[3], q.shape[3] ** -0.5)
+    spec = AttentionSpec.default(q.shape[1], k.shape[1], q.shape[3])
     return masked_scores(q, k, spec, attn_mask, is_causal)
 
 
@@ -58,11 +64,7 @@ def mix_values(
     v: Float[Tensor, "batch kv_head kv_pos d_head"],
 ) -> Float[Tensor, "batch head_index pos d_head"]:
     """The pattern-weighted sum of values for every query head."""
-    batch, n_heads, n_new, kv_len = pattern.shape
-    n_kv, d_head = v.shape[1], v.shape[3]
-    group = n_heads // n_kv
-    folded = pattern.reshape(batch, n_kv, group * n_new, kv_len) @ v
-    return folded.view(batch, n_heads, n_new, d_head)
+    return unfold_heads(fold_heads(pattern, v.shape[1]) @ v, pattern.shape[1])
 
 
 def fused_attention(
@@ -82,10 +84,10 @@ def fused_attention(
     kernel instead (:func:`kvlens.kernels.decode_attention`) when it is built: it reads the cache
     at close to memory speed, where the fused kernel, made for many queries, does not.
     """
-    batch, n_heads, n_new, d_head = q.shape
+    _, n_heads, n_new, d_head = q.shape
     n_kv = k.shape[1]
     if scale is None:
-        scale = d_head**-0.5
+        scale = default_scale(d_head)
     if n_new == 1 and not is_causal:
         native = kernels.decode_attention(q, k, v, attn_mask, scale=scale)
         if native is not None:
@@ -95,9 +97,10 @@ def fused_attention(
             q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale
         )
     if n_new == 1 and not is_causal:
-        folded = q.reshape(batch, n_kv, n_heads // n_kv, d_head)
-        out = F.scaled_dot_product_attention(folded, k, v, attn_mask=attn_mask, scale=scale)
-        return out.view(batch, n_heads, 1, d_head)
+        out = F.scaled_dot_product_attention(
+            fold_heads(q, n_kv), k, v, attn_mask=attn_mask, scale=scale
+        )
+        return unfold_heads(out, n_heads)
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=True, scale=scale
     )

@@ -26,6 +26,11 @@ from torch import Tensor
 from kvlens.config import ModelConfig
 
 
+def default_scale(d_head: int) -> float:
+    """The scale of a layer that sets none: ``1 / sqrt(d_head)``."""
+    return float(d_head**-0.5)
+
+
 @dataclass(frozen=True)
 class AttentionSpec:
     """What one layer's attention computes, beyond its weights.
@@ -49,7 +54,7 @@ class AttentionSpec:
     @classmethod
     def from_config(cls, cfg: ModelConfig, layer: int) -> AttentionSpec:
         """Layer ``layer``'s attention as ``cfg`` describes it."""
-        scale = cfg.d_head**-0.5 if cfg.attn_scale is None else 1.0 / cfg.attn_scale
+        scale = default_scale(cfg.d_head) if cfg.attn_scale is None else 1.0 / cfg.attn_scale
         cap = cfg.attn_scores_soft_cap
         return cls(
             n_heads=cfg.n_heads,
@@ -59,6 +64,11 @@ class AttentionSpec:
             softcap=float(cap) if cap > 0 else None,
             window=cfg.layer_window(layer),
         )
+
+    @classmethod
+    def default(cls, n_heads: int, n_kv_heads: int, d_head: int) -> AttentionSpec:
+        """The rules of a layer that sets none: the default scale, no cap, no window."""
+        return cls(n_heads, n_kv_heads, d_head, default_scale(d_head))
 
     @property
     def group(self) -> int:
@@ -75,10 +85,7 @@ class AttentionSpec:
         ``k``'s batch may be 1 (a shared prefix) where ``q``'s is larger only through
         :func:`fold_rows`; here both have the same batch.
         """
-        batch, n_heads, n_new, d_head = q.shape
-        n_kv, kv_len = k.shape[1], k.shape[2]
-        folded = q.reshape(batch, n_kv, (n_heads // n_kv) * n_new, d_head)
-        scores = (folded @ k.transpose(-1, -2)).view(batch, n_heads, n_new, kv_len)
+        scores = unfold_heads(fold_heads(q, k.shape[1]) @ k.transpose(-1, -2), q.shape[1])
         return self.cap(scores * self.scale)
 
     def cap(self, scores: Tensor) -> Tensor:
@@ -134,6 +141,23 @@ def causal_mask(
 ) -> Bool[Tensor, "pos kv_pos"]:
     """The visibility rule with no padding and no window, ``[pos, kv_pos]``."""
     return visible(n_new, kv_len, 0, None, None, device)[0, 0]
+
+
+def fold_heads(x: Tensor, n_kv: int) -> Tensor:
+    """``[batch, head_index, pos, w]`` to ``[batch, kv_head, group * pos, w]`` (a view when it can).
+
+    The query heads that read one key head (``h // group``) become one longer query axis
+    against it, so the keys are never repeated.
+    """
+    batch, n_heads, n_new, width = x.shape
+    return x.reshape(batch, n_kv, (n_heads // n_kv) * n_new, width)
+
+
+def unfold_heads(x: Tensor, n_heads: int) -> Tensor:
+    """Invert :func:`fold_heads`: ``[batch, kv_head, group * pos, *rest]`` to
+    ``[batch, head_index, pos, *rest]``."""
+    batch, n_kv, folded = x.shape[:3]
+    return x.reshape(batch, n_heads, folded * n_kv // n_heads, *x.shape[3:])
 
 
 def fold_rows(x: Tensor, n_kv: int) -> Tensor:

@@ -25,7 +25,15 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from kvlens import kernels
-from kvlens.components.attention_rules import AttentionSpec, causal_mask, fold_rows, unfold_rows
+from kvlens.components.attention_rules import (
+    AttentionSpec,
+    causal_mask,
+    default_scale,
+    fold_heads,
+    fold_rows,
+    unfold_heads,
+    unfold_rows,
+)
 
 Partial = tuple[Float[Tensor, "batch head_index pos d_head"], Float[Tensor, "batch head_index pos"]]
 
@@ -48,7 +56,7 @@ def cascade_attention(
     ``scale`` multiplies the scores (default ``1 / sqrt(d_head)``); ``prefix_mask`` may also be
     ``[1, 1, pos, prefix_pos]`` (a sliding window ending inside the prefix).
     """
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scale = default_scale(q.shape[-1]) if scale is None else scale
     out_p, lse_p = prefix_attention(q, prefix_k, prefix_v, prefix_mask, scale)
     out_s, lse_s = suffix_attention(q, suffix_k, suffix_v, suffix_mask, suffix_is_causal, scale)
     return merge_partials(out_p, lse_p, out_s, lse_s).to(q.dtype)
@@ -67,7 +75,7 @@ def prefix_attention(
     allowed).
     """
     batch, n_heads = q.shape[:2]
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scale = default_scale(q.shape[-1]) if scale is None else scale
     folded = fold_rows(q, k.shape[1])
     if mask is not None and mask.shape[2] > 1:
         # One mask row per query: repeat it for the rows and heads folded into the query axis.
@@ -91,18 +99,17 @@ def suffix_attention(
     are folded into the query axis (their mask row is the same): fewer, larger problems than one
     per query head, as in ``attention_math.fused_attention``.
     """
-    batch, n_heads, n_new, d_head = q.shape
+    _, n_heads, n_new, d_head = q.shape
     n_kv = k.shape[1]
-    scale = d_head**-0.5 if scale is None else scale
+    scale = default_scale(d_head) if scale is None else scale
     if n_new == 1 and not is_causal:
         native = kernels.decode_attention_lse(q, k, v, mask, scale=scale)
         if native is not None:
             return native
     if n_new > 1 or is_causal or n_kv == n_heads:
         return _partial(q, k, v, mask, is_causal, scale)
-    folded = q.reshape(batch, n_kv, n_heads // n_kv, d_head)
-    out, lse = _partial(folded, k, v, mask, False, scale)
-    return out.reshape(batch, n_heads, 1, d_head), lse.reshape(batch, n_heads, 1)
+    out, lse = _partial(fold_heads(q, n_kv), k, v, mask, False, scale)
+    return unfold_heads(out, n_heads), unfold_heads(lse, n_heads)
 
 
 def merge_partials(
@@ -139,7 +146,7 @@ def prefix_scores(
     ``spec`` gives the scale and soft-capping (default: ``1 / sqrt(d_head)``, no cap).
     """
     if spec is None:
-        spec = AttentionSpec(q.shape[1], k.shape[1], q.shape[3], q.shape[3] ** -0.5)
+        spec = AttentionSpec.default(q.shape[1], k.shape[1], q.shape[3])
     folded = fold_rows(q, k.shape[1])
     # The folded queries are one row of kv_head heads, each of group 1: the spec's rules apply.
     scores = spec.cap((folded @ k.transpose(-1, -2)) * spec.scale)
@@ -190,11 +197,9 @@ def _partial_eager(
     q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool, scale: float
 ) -> Partial:
     """Reference for :func:`_partial` with matmuls: any device, and differentiable."""
-    batch, n_heads, n_new, d_head = q.shape
+    n_heads, n_new = q.shape[1], q.shape[2]
     n_kv, kv_len = k.shape[1], k.shape[2]
-    group = n_heads // n_kv
-    folded = q.reshape(batch, n_kv, group * n_new, d_head)
-    scores = (folded @ k.transpose(-1, -2)).view(batch, n_heads, n_new, kv_len) * scale
+    scores = unfold_heads(fold_heads(q, n_kv) @ k.transpose(-1, -2), n_heads) * scale
     if mask is None and is_causal:
         mask = causal_mask(n_new, kv_len, q.device)
     if mask is not None:
@@ -203,8 +208,7 @@ def _partial_eager(
     lse = torch.logsumexp(scores, dim=-1)
     safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
     pattern = torch.exp(scores - safe.unsqueeze(-1)).to(v.dtype)
-    out = pattern.reshape(batch, n_kv, group * n_new, kv_len) @ v
-    return out.view(batch, n_heads, n_new, d_head), lse
+    return unfold_heads(fold_heads(pattern, n_kv) @ v, n_heads), lse
 
 
 def _use_fused(*tensors: Tensor) -> bool:

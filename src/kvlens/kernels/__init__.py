@@ -293,7 +293,8 @@ def decode_attention(
     v: Float[Tensor, "batch kv_head kv_pos d_head"],
     mask: Tensor | None = None,
     threads: int | None = None,
-    scale: float | None = None,
+    *,
+    scale: float,
 ) -> Float[Tensor, "batch head_index 1 d_head"] | None:
     """Softmax attention of one query per row over keys and values read in place, or ``None``.
 
@@ -306,7 +307,8 @@ def decode_attention(
         mask: Bool ``[batch, 1, 1, kv_pos]``, True where the query may attend; a row with no
             allowed key gets zeros.
         threads: OpenMP threads; default torch's count.
-        scale: What the scores are multiplied by (default ``1 / sqrt(d_head)``).
+        scale: What the scores are multiplied by (the layer's rule,
+            :class:`kvlens.components.attention_rules.AttentionSpec`).
 
     Returns a view of a contiguous ``[batch, 1, head_index, d_head]`` tensor, so transposing it
     back (as the attention layer does) costs nothing.
@@ -321,7 +323,8 @@ def decode_attention_lse(
     v: Float[Tensor, "batch kv_head kv_pos d_head"],
     mask: Tensor | None = None,
     threads: int | None = None,
-    scale: float | None = None,
+    *,
+    scale: float,
 ) -> tuple[Float[Tensor, "batch head_index 1 d_head"], Float[Tensor, "batch head_index 1"]] | None:
     """:func:`decode_attention` and the log-sum-exp of each query's scaled scores, or ``None``.
 
@@ -340,7 +343,7 @@ def _decode_attention(
     v: Tensor,
     mask: Tensor | None,
     threads: int | None,
-    scale: float | None,
+    scale: float,
     with_lse: bool,
 ) -> tuple[Tensor, Tensor | None] | None:
     native = _native()
@@ -383,7 +386,7 @@ def _decode_attention(
         k.stride(2),
         None if mask is None else mask.data_ptr(),
         0 if mask is None else mask.stride(0),
-        d_head**-0.5 if scale is None else scale,
+        scale,
         out.data_ptr(),
         None if lse is None else lse.data_ptr(),
         scratch.data_ptr(),

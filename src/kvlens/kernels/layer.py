@@ -137,7 +137,7 @@ def decode_layer(
     mask: Bool[Tensor, "batch 1 1 kv_pos"] | None,
     rotary: tuple[Tensor, Tensor, bool] | None,
     *,
-    scale: float | None = None,
+    scale: float,
     first: int = 0,
 ) -> Float[Tensor, "batch 1 d_model"] | None:
     """The residual stream after one layer, or ``None`` where this does not apply.
@@ -160,7 +160,8 @@ def decode_layer(
         mask: True where the new token may attend (padding), or ``None`` for all.
         rotary: ``(cos, sin, adjacent_pairs)`` with ``cos``/``sin`` ``[batch or 1, 1, 1, half]``,
             or ``None`` for a model without rotary.
-        scale: What the attention scores are multiplied by (default ``1 / sqrt(d_head)``).
+        scale: What the attention scores are multiplied by (the layer's rule,
+            :class:`kvlens.components.attention_rules.AttentionSpec`).
         first: The first position attended to (a sliding window's start); the keys before it
             are not read.
     """
@@ -240,7 +241,7 @@ def decode_layer(
     layer.s_b, layer.s_h, layer.s_p = keys.stride(0), keys.stride(1), keys.stride(2)
     layer.ms_b = 0 if mask is None else mask.stride(0)
     layer.cos_row, layer.eps = cos_row, kind.eps
-    layer.scale = d_head**-0.5 if scale is None else scale
+    layer.scale = scale
     layer.layer_norm, layer.parallel = int(kind.layer_norm), int(kind.parallel)
     layer.gated, layer.act = int(gated), kind.act or 0
     layer.threads = torch.get_num_threads()

@@ -8,6 +8,16 @@ import torch
 from kvlens import kernels
 from kvlens.kernels import build
 
+
+def native(q, k, v, mask=None, threads=None):  # type: ignore[no-untyped-def]
+    """The kernel with the default rule's scale, ``1 / sqrt(d_head)``."""
+    return kernels.decode_attention(q, k, v, mask, threads, scale=q.shape[-1] ** -0.5)
+
+
+def native_lse(q, k, v, mask=None, threads=None):  # type: ignore[no-untyped-def]
+    return kernels.decode_attention_lse(q, k, v, mask, threads, scale=q.shape[-1] ** -0.5)
+
+
 pytestmark = pytest.mark.skipif(not build.available(), reason="native kernels not built here")
 
 
@@ -46,7 +56,7 @@ def test_equals_softmax_attention(
     if masked:
         mask = torch.rand(batch, 1, 1, kv_len, generator=gen) > 0.4
         mask[..., -1] = True
-    got = kernels.decode_attention(q, k, v, mask, threads=threads)
+    got = native(q, k, v, mask, threads=threads)
     assert got is not None and got.shape == (batch, n_heads, 1, d_head)
     torch.testing.assert_close(got, reference(q, k, v, mask), rtol=1e-5, atol=2e-6)
 
@@ -57,10 +67,10 @@ def test_extreme_scores_stay_finite() -> None:
     q[..., 0] = 400.0
     k = torch.randn(1, 1, 50, 16)
     v = torch.randn(1, 1, 50, 16)
-    got = kernels.decode_attention(q, k, v)
+    got = native(q, k, v)
     assert got is not None and bool(torch.isfinite(got).all())
     torch.testing.assert_close(got, reference(q, k, v, None), rtol=1e-5, atol=1e-5)
-    flat = kernels.decode_attention(torch.zeros(1, 2, 1, 16), k, v)
+    flat = native(torch.zeros(1, 2, 1, 16), k, v)
     assert flat is not None
     torch.testing.assert_close(flat[0, 0, 0], v[0, 0].mean(0), rtol=1e-5, atol=1e-6)
 
@@ -69,22 +79,22 @@ def test_a_row_with_no_allowed_key_gets_zeros() -> None:
     q, k = torch.randn(2, 2, 1, 16), torch.randn(2, 1, 5, 16)
     mask = torch.ones(2, 1, 1, 5, dtype=torch.bool)
     mask[1] = False
-    got = kernels.decode_attention(q, k, k.clone(), mask)
+    got = native(q, k, k.clone(), mask)
     assert got is not None and torch.equal(got[1], torch.zeros(2, 1, 16))
     torch.testing.assert_close(got[0], reference(q, k, k, mask)[0])
 
 
 def test_declines_what_it_does_not_do() -> None:
     q, k = torch.randn(1, 4, 1, 8), torch.randn(1, 2, 5, 8)
-    assert kernels.decode_attention(q, k, k) is not None
-    assert kernels.decode_attention(torch.randn(1, 4, 2, 8), k, k) is None  # two queries
-    assert kernels.decode_attention(torch.randn(1, 3, 1, 8), k, k) is None  # 3 heads over 2
-    assert kernels.decode_attention(torch.randn(1, 18, 1, 8), torch.randn(1, 2, 5, 8), k) is None
-    assert kernels.decode_attention(q.double(), k.double(), k.double()) is None
-    assert kernels.decode_attention(q, k, k, torch.ones(1, 1, 1, 5)) is None  # float mask
-    assert kernels.decode_attention(q, k, k, torch.ones(1, 1, 2, 5, dtype=torch.bool)) is None
-    assert kernels.decode_attention(q, k, k.transpose(2, 3).contiguous().mT) is None  # strides
-    assert kernels.decode_attention(q, k[:, :, :0], k[:, :, :0]) is None  # no keys
+    assert native(q, k, k) is not None
+    assert native(torch.randn(1, 4, 2, 8), k, k) is None  # two queries
+    assert native(torch.randn(1, 3, 1, 8), k, k) is None  # 3 heads over 2
+    assert native(torch.randn(1, 18, 1, 8), torch.randn(1, 2, 5, 8), k) is None
+    assert native(q.double(), k.double(), k.double()) is None
+    assert native(q, k, k, torch.ones(1, 1, 1, 5)) is None  # float mask
+    assert native(q, k, k, torch.ones(1, 1, 2, 5, dtype=torch.bool)) is None
+    assert native(q, k, k.transpose(2, 3).contiguous().mT) is None  # strides
+    assert native(q, k[:, :, :0], k[:, :, :0]) is None  # no keys
 
 
 @pytest.mark.parametrize("masked", [False, True])
@@ -96,7 +106,7 @@ def test_log_sum_exp_of_the_scaled_scores(masked: bool) -> None:
     if masked:
         mask = torch.rand(2, 1, 1, 300, generator=gen) > 0.5
         mask[1] = False  # a row with no allowed key: lse -inf, output zeros
-    result = kernels.decode_attention_lse(q, k, v, mask)
+    result = native_lse(q, k, v, mask)
     assert result is not None
     out, lse = result
     assert lse.shape == (2, 6, 1)

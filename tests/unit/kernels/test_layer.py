@@ -202,6 +202,7 @@ def test_decode_layer_declines_without_writing() -> None:
         out = decode_layer(
             call["x"], call["weights"], *args, call["keys"], call["values"],  # type: ignore[arg-type]
             call["pos"], call["mask"], call["rotary"],  # type: ignore[arg-type]
+            scale=args[-1] ** -0.5,  # type: ignore[operator]
         )  # fmt: skip
         if out is None:
             assert torch.equal(keys, before[0]) and torch.equal(values, before[1])
@@ -253,7 +254,7 @@ def test_decode_layer_matches_a_float64_reference(kind: LayerKind, rotary: bool)
     cos, sin = angles.cos(), angles.sin()
     reference_keys, reference_values = keys.double().clone(), values.double().clone()
     angles_arg = (cos, sin, False) if rotary else None
-    out = decode_layer(x, weights, kind, 4, 4, keys, values, 3, None, angles_arg)
+    out = decode_layer(x, weights, kind, 4, 4, keys, values, 3, None, angles_arg, scale=4**-0.5)
     assert out is not None
 
     w = LayerWeights(*(None if t is None else t.double() for t in weights))

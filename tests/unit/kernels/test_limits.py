@@ -20,6 +20,16 @@ from tests.helpers import make_hf_model
 from kvlens import HookedTransformer, KeyValueCache, kernels
 from kvlens.kernels import build, layer
 
+
+def native(q, k, v, mask=None, threads=None):  # type: ignore[no-untyped-def]
+    """The kernel with the default rule's scale, ``1 / sqrt(d_head)``."""
+    return kernels.decode_attention(q, k, v, mask, threads, scale=q.shape[-1] ** -0.5)
+
+
+def native_lse(q, k, v, mask=None, threads=None):  # type: ignore[no-untyped-def]
+    return kernels.decode_attention_lse(q, k, v, mask, threads, scale=q.shape[-1] ** -0.5)
+
+
 pytestmark = pytest.mark.skipif(not build.available(), reason="native kernels not built here")
 
 
@@ -51,10 +61,10 @@ def test_the_ops_take_up_to_the_library_limits_and_no_more() -> None:
     assert kernels.matmul(torch.randn(limits.max_rows + 1, 8), w) is None
     group, d_head = limits.attention_max_group, limits.attention_max_d_head
     k = torch.randn(1, 1, 5, d_head)
-    assert kernels.decode_attention(torch.randn(1, group, 1, d_head), k, k) is not None
-    assert kernels.decode_attention(torch.randn(1, group + 1, 1, d_head), k, k) is None
+    assert native(torch.randn(1, group, 1, d_head), k, k) is not None
+    assert native(torch.randn(1, group + 1, 1, d_head), k, k) is None
     wide = torch.randn(1, 1, 5, d_head + 1)
-    assert kernels.decode_attention(torch.randn(1, 1, 1, d_head + 1), wide, wide) is None
+    assert native(torch.randn(1, 1, 1, d_head + 1), wide, wide) is None
 
 
 def test_the_layout_mirror_agrees_with_the_library() -> None:
