@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 if TYPE_CHECKING:
     from kvlens.cache import KeyValueCache
@@ -225,11 +225,14 @@ def cmd_info(args: argparse.Namespace) -> None:
         f"{cfg.kv_bytes_per_token * cfg.n_ctx / 2**20:.1f} MiB per batch row"
     )
     from kvlens import kernels  # imported here, as the model is: `kvlens --help` stays fast
+    from kvlens.components.block import TransformerBlock
 
     native = "yes" if kernels.available() else "no (torch does their work)"
     print(f"native decode kernels: {native}")
     if kernels.available():
-        reasons = [block.decode_plan_reason for block in model.blocks]
+        reasons: list[str | None] = [
+            cast(TransformerBlock, block).decode_plan_reason for block in model.blocks
+        ]
         fused = sum(reason is None for reason in reasons)
         print(f"fused decode layer: {fused} of {len(reasons)} blocks")
         for reason in sorted({r for r in reasons if r is not None}):
