@@ -75,6 +75,11 @@ class WatchedModule(nn.Module):
         for name in _HOOK_DICTS:
             object.__setattr__(self, name, WatchedHooks(getattr(self, name)))
 
+    @property
+    def has_torch_forward_hooks(self) -> bool:
+        """Whether a torch forward or forward-pre hook is registered on this very module."""
+        return bool(self._forward_hooks or self._forward_pre_hooks)
+
     def __setattr__(self, name: str, value: Any) -> None:
         super().__setattr__(name, value)
         if not name.startswith("_"):

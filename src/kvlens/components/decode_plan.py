@@ -21,6 +21,7 @@ from kvlens.components.attention_rules import window_start
 from kvlens.components.native import NativeAttention
 from kvlens.hook_point import HookPoint
 from kvlens.kernels.layer import LayerKind, LayerWeights, decode_layer
+from kvlens.structure import WatchedModule
 
 if TYPE_CHECKING:
     from kvlens.components.block import TransformerBlock
@@ -84,7 +85,9 @@ def make_plan(block: TransformerBlock) -> DecodePlan | str:
     if ln1.layer_norm != ln2.layer_norm or ln1.eps != ln2.eps:
         return "its two norms differ in kind or epsilon"
     for name, part in parts.items():
-        if part is not None and (part._forward_hooks or part._forward_pre_hooks):
+        if not isinstance(part, WatchedModule):
+            return f"{name} is not a kvlens module (its changes would go unseen)"
+        if part.has_torch_forward_hooks:
             return f"a torch forward hook on {name}"
     for module in block.modules():
         if isinstance(module, HookPoint) and module.attached:

@@ -126,3 +126,22 @@ def test_a_failed_pass_leaves_a_bounded_cache_as_it_was() -> None:
         MODEL(ids[:, 68:72], past_kv_cache=cache)
     assert cache.seq_len == 68
     assert torch.allclose(run(cache, ids[:, 68:], [4]), run(clean, ids[:, 68:], [4]), atol=1e-6)
+
+
+def test_gradients_through_a_bounded_cache_equal_the_unbounded_ones() -> None:
+    ids = tokens(batch=1, pos=80)
+
+    def gradient(bounded: bool) -> torch.Tensor:
+        model = tiny()
+        cache = KeyValueCache.init_cache(model.cfg, None, 1, bounded=bounded)
+        logits = [model(ids[:, :70], past_kv_cache=cache)]  # past the slack: drops positions
+        for at in range(70, 80):
+            logits.append(model(ids[:, at : at + 1], past_kv_cache=cache))
+        torch.cat(logits, dim=1).logsumexp(-1).sum().backward()
+        assert (cache[0].start > 0) == bounded  # the bounded cache dropped positions
+        grad = model.blocks[0].attn.W_QKV.grad
+        assert grad is not None
+        return grad
+
+    bounded, unbounded = gradient(True), gradient(False)
+    assert torch.allclose(bounded, unbounded, atol=1e-5 * unbounded.abs().max().item())
