@@ -7,7 +7,8 @@
 
 - **eager** (scores, pattern, weighted values; :mod:`attention_math`) when a hook reads or edits
   the scores or the pattern, or the layer soft-caps its scores: the hooks see TransformerLens's
-  ``[batch, head_index, pos, kv_pos]`` over every key, windowed-out keys masked;
+  ``[batch, head_index, pos, kv_pos]`` over every key (every key held, in a bounded cache),
+  windowed-out keys masked;
 - **cascade** (:mod:`cascade`) over a shared prefix: the prefix is read once for all rows;
 - otherwise the native decode kernel for one new token per row (fp32 on CPU), or PyTorch's
   ``scaled_dot_product_attention``.

@@ -144,8 +144,9 @@ def _neox_config(c: Any) -> dict[str, Any]:
     )
 
 
-def _llama_like_config(c: Any) -> dict[str, Any]:
-    """Llama, Mistral and Qwen2: RMSNorm, rotary (rotate_half pairs), gated MLP."""
+def _llama_like_config(c: Any, act: str | None = None) -> dict[str, Any]:
+    """Llama, Mistral and Qwen2 (and Gemma 2's base): RMSNorm, rotary (rotate_half pairs),
+    gated MLP; ``act`` is the activation's HF name (default ``c.hidden_act``)."""
     _check_rope_scaling(c)
     model_type = c.model_type
     d_head = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
@@ -162,7 +163,7 @@ def _llama_like_config(c: Any) -> dict[str, Any]:
         d_vocab=c.vocab_size,
         d_mlp=c.intermediate_size,
         n_key_value_heads=getattr(c, "num_key_value_heads", None) or c.num_attention_heads,
-        act_fn=_act_fn(c.hidden_act),
+        act_fn=_act_fn(act or c.hidden_act),
         normalization_type="RMS",
         eps=c.rms_norm_eps,
         positional_embedding_type="rotary",
@@ -183,25 +184,10 @@ def _gemma2_config(c: Any) -> dict[str, Any]:
     The embedding's ``sqrt(d_model)`` factor and the norms' ``1 + w`` are folded into the
     weights by the converter (as TransformerLens does), so no config field holds them.
     """
-    _check_rope_scaling(c)
     bias = bool(getattr(c, "attention_bias", False))
     act = getattr(c, "hidden_activation", None) or c.hidden_act
-    return dict(
-        n_layers=c.num_hidden_layers,
-        d_model=c.hidden_size,
-        n_heads=c.num_attention_heads,
+    return _llama_like_config(c, act) | dict(
         d_head=c.head_dim,
-        n_ctx=int(c.max_position_embeddings),
-        d_vocab=c.vocab_size,
-        d_mlp=c.intermediate_size,
-        n_key_value_heads=getattr(c, "num_key_value_heads", None) or c.num_attention_heads,
-        act_fn=_act_fn(act),
-        normalization_type="RMS",
-        eps=c.rms_norm_eps,
-        positional_embedding_type="rotary",
-        rotary_base=float(c.rope_theta),
-        rotary_adjacent_pairs=False,
-        gated_mlp=True,
         attn_qkv_bias=bias,
         attn_out_bias=bias,
         mlp_bias=False,
@@ -209,7 +195,6 @@ def _gemma2_config(c: Any) -> dict[str, Any]:
         attn_scores_soft_cap=_soft_cap(getattr(c, "attn_logit_softcapping", None)),
         output_logits_soft_cap=_soft_cap(getattr(c, "final_logit_softcapping", None)),
         use_normalization_before_and_after=True,
-        **_window_fields(c),
     )
 
 
