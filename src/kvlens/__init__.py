@@ -19,6 +19,7 @@ from kvlens.cache import (
 )
 from kvlens.config import HookedTransformerConfig, ModelConfig
 from kvlens.devices import get_device_for_block_index
+from kvlens.factored_matrix import FactoredMatrix
 from kvlens.hooks import ActivationCache, HookPoint, get_act_name
 from kvlens.model import HookedTransformer
 
@@ -26,6 +27,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ActivationCache",
+    "FactoredMatrix",
     "HookPoint",
     "HookedTransformer",
     "HookedTransformerConfig",

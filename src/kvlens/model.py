@@ -30,6 +30,7 @@ from kvlens.prepare import (
     tokens_from_input,
 )
 from kvlens.tokens import PaddingSide, TokenizerMixin
+from kvlens.weights import WeightsMixin
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -45,26 +46,7 @@ class Output(NamedTuple):
     loss: Tensor
 
 
-class _Stacked:
-    """A per-block weight stacked over blocks, e.g. ``model.W_Q: [n_layers, head_index, ...]``."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path.split(".")
-
-    def __get__(self, model: HookedTransformer | None, owner: type) -> Any:
-        if model is None:
-            return self
-        parts: list[Any] = [_get_path(b, self.path) for b in model.blocks]
-        return None if any(p is None for p in parts) else torch.stack(parts)
-
-
-def _get_path(obj: Any, path: list[str]) -> Any:
-    for name in path:
-        obj = getattr(obj, name, None)
-    return obj
-
-
-class HookedTransformer(TokenizerMixin, GenerationMixin, HookedRootModule):
+class HookedTransformer(TokenizerMixin, GenerationMixin, WeightsMixin, HookedRootModule):
     """A causal transformer with TransformerLens's hook points and a preallocated key-value cache.
 
     Modules and hook points keep TransformerLens's names: ``embed``, ``hook_embed``,
@@ -238,38 +220,6 @@ class HookedTransformer(TokenizerMixin, GenerationMixin, HookedRootModule):
         model = load_pretrained(model_name, dtype=dtype, device=device, progress=progress)
         model.set_tokenizer(model.tokenizer, default_padding_side)
         return model
-
-    # TransformerLens's weight shortcuts ------------------------------------------------------
-
-    @property
-    def W_E(self) -> Float[Tensor, "d_vocab d_model"]:
-        return self.embed.W_E
-
-    @property
-    def W_pos(self) -> Float[Tensor, "n_ctx d_model"]:
-        return self.pos_embed.W_pos
-
-    @property
-    def W_U(self) -> Float[Tensor, "d_model d_vocab"]:
-        return self.unembed.W_U
-
-    @property
-    def b_U(self) -> Float[Tensor, " d_vocab"] | None:
-        return self.unembed.b_U
-
-    W_Q = _Stacked("attn.W_Q")
-    W_K = _Stacked("attn.W_K")
-    W_V = _Stacked("attn.W_V")
-    W_O = _Stacked("attn.W_O")
-    b_Q = _Stacked("attn.b_Q")
-    b_K = _Stacked("attn.b_K")
-    b_V = _Stacked("attn.b_V")
-    b_O = _Stacked("attn.b_O")
-    W_in = _Stacked("mlp.W_in")
-    W_gate = _Stacked("mlp.W_gate")
-    W_out = _Stacked("mlp.W_out")
-    b_in = _Stacked("mlp.b_in")
-    b_out = _Stacked("mlp.b_out")
 
     # Forward ----------------------------------------------------------------------------------
 

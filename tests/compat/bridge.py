@@ -89,12 +89,12 @@ def tl_state_dict(model: HookedTransformer, tl_model: Any) -> dict[str, Tensor]:
         attn = block.attn
         out |= {
             p + "attn.W_Q": attn.W_Q,
-            p + f"attn.{k_name}": attn.W_K,
-            p + f"attn.{v_name}": attn.W_V,
+            p + f"attn.{k_name}": attn._W_K,
+            p + f"attn.{v_name}": attn._W_V,
             p + "attn.W_O": attn.W_O,
             p + "attn.b_Q": attn.b_Q,
-            p + f"attn.{bk_name}": attn.b_K,
-            p + f"attn.{bv_name}": attn.b_V,
+            p + f"attn.{bk_name}": attn._b_K,
+            p + f"attn.{bv_name}": attn._b_V,
             p + "attn.b_O": attn.b_O,
             p + "mlp.W_in": block.mlp.W_in,
             p + "mlp.W_out": block.mlp.W_out,

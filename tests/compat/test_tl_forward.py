@@ -9,7 +9,6 @@ from tests.compat.pairs import (
     PAD,
     Pair,
     assert_same,
-    model_pair,
     random_kvlens_model,
     random_tokens,
     tiny_tokenizer,
@@ -114,26 +113,6 @@ def test_arguments_after_return_type_are_keyword_only(pair: Pair) -> None:
     with pytest.raises(TypeError):
         pair.kv(tokens, "loss", True)
     assert_same(pair.kv(tokens, "loss", loss_per_token=True), per_token, "per-token loss")
-
-
-def test_grouped_query_weight_views() -> None:
-    """Pinned difference: under grouped-query attention kvlens's ``W_K``/``W_V`` are per kv head.
-
-    TL's ``attn.W_K`` repeats each key/value head for the query heads that share it
-    (``[head_index, d_model, d_head]``); kvlens's is the stored ``[kv_head, d_model, d_head]``.
-    TL's stored weight is ``attn._W_K``, equal to kvlens's.
-    """
-    pair = model_pair("llama")
-    n_heads, n_kv = pair.kv.cfg.n_heads, pair.kv.cfg.n_key_value_heads
-    assert n_kv is not None and n_kv < n_heads
-    kv_attn, tl_attn = pair.kv.blocks[0].attn, pair.tl.blocks[0].attn
-    for kv_w, tl_w, tl_stored in (
-        (kv_attn.W_K, tl_attn.W_K, tl_attn._W_K),
-        (pair.kv.W_V[0], pair.tl.W_V[0], tl_attn._W_V),
-    ):
-        assert kv_w.shape[0] == n_kv and tl_w.shape[0] == n_heads
-        assert torch.equal(kv_w, tl_stored)
-        assert torch.equal(kv_w.repeat_interleave(n_heads // n_kv, dim=0), tl_w)
 
 
 def test_pair_is_built_offline(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -148,13 +148,32 @@ def test_uneven_cache_is_refused(model: HookedTransformer) -> None:
 
 
 def test_transformer_lens_weight_shortcuts(model: HookedTransformer) -> None:
-    assert model.W_Q.shape == (2, 4, 16, 4) and model.W_K.shape == (2, 1, 16, 4)
+    assert model.W_Q.shape == model.W_K.shape == model.W_V.shape == (2, 4, 16, 4)
+    assert model.blocks[0].attn._W_K.shape == (1, 16, 4)  # the one stored kv head
     assert model.W_O.shape == (2, 4, 4, 16) and model.W_in.shape == (2, 16, 32)
     assert model.W_E.shape == (23, 16) and model.W_U.shape == (16, 23)
-    assert model.b_U is not None and model.b_U.shape == (23,)
+    assert model.b_U is model.unembed.b_U and model.b_U.shape == (23,)
     assert model.W_gate is None  # a plain MLP has no gate
+    assert model.b_K.shape == (2, 4, 4) and model.b_O.shape == (2, 16)
+    assert model.QK.shape == model.OV.shape == (2, 4, 16, 16)
+    assert model.all_head_labels()[:5] == ["L0H0", "L0H1", "L0H2", "L0H3", "L1H0"]
+    with pytest.raises(AttributeError):
+        model.W_E_pos  # noqa: B018 (rotary: no learned positions, as in TransformerLens)
     assert "blocks.0.attn.hook_rot_k" in model.hook_dict and "hook_pos_embed" not in model.hook_dict
     assert "ln_final.hook_normalized" not in model.hook_dict  # final_norm=False
+
+
+def test_missing_biases_are_zeros() -> None:
+    """Biases the config leaves out are TransformerLens's zeros, of its shapes."""
+    model = make_model(
+        CFG.replace(attn_qkv_bias=False, attn_out_bias=False, mlp_bias=False, unembed_bias=False)
+    )
+    for name, shape in (
+        ("b_Q", (2, 4, 4)), ("b_K", (2, 4, 4)), ("b_V", (2, 4, 4)), ("b_O", (2, 16)),
+        ("b_in", (2, 32)), ("b_out", (2, 16)), ("b_U", (23,)),
+    ):  # fmt: skip
+        assert torch.equal(getattr(model, name), torch.zeros(shape)), name
+    assert torch.equal(model.accumulated_bias(2, include_mlp_biases=True), torch.zeros(16))
 
 
 def test_state_dict_names() -> None:

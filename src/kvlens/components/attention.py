@@ -15,6 +15,7 @@ from kvlens.components.linear import linear
 from kvlens.components.native import NativeAttention
 from kvlens.components.positions import apply_rotary
 from kvlens.config import ModelConfig
+from kvlens.factored_matrix import FactoredMatrix
 from kvlens.hooks import HookPoint
 from kvlens.structure import WatchedModule
 
@@ -24,8 +25,12 @@ class Attention(WatchedModule):
 
     Weights are stored fused for speed: one ``W_QKV: [d_model, (n_heads + 2 * n_kv) * d_head]``
     (query heads, then key heads, then value heads) and ``W_O_flat: [n_heads * d_head,
-    d_model]``. TransformerLens's per-head names are properties returning views of them, so
-    editing ``attn.W_Q[h]`` in place edits the model.
+    d_model]``. TransformerLens's per-head names are properties with its shapes, views of them
+    where they can be, so editing ``attn.W_Q[h]`` in place edits the model. Under grouped-query
+    attention ``W_K``, ``W_V``, ``b_K``, ``b_V`` are repeated to one per query head, copies (as
+    in TransformerLens), and the stored per-kv-head views are ``_W_K``, ``_W_V``, ``_b_K``,
+    ``_b_V``. Without a q, k, v bias, ``b_Q``, ``b_K``, ``b_V`` are zeros; ``b_O`` is the
+    stored parameter or ``None``.
 
     Order of operations: one matmul gives q, k, v ``[batch, pos, head, d_head]``; ``hook_q``,
     ``hook_k``, ``hook_v`` fire; rotary models rotate the new tokens' q and k (``hook_rot_q``,
@@ -72,7 +77,7 @@ class Attention(WatchedModule):
         self.hook_pattern = HookPoint()  # [batch, head_index, pos, kv_pos]
         self.hook_z = HookPoint()  # [batch, pos, head_index, d_head]
 
-    # TransformerLens's per-head weights, as views -------------------------------------------
+    # TransformerLens's per-head weights ------------------------------------------------------
 
     def _qkv_slice(self, part: int) -> tuple[int, int, int]:
         q_width, kv_width = self.n_heads * self.d_head, self.n_kv_heads * self.d_head
@@ -84,39 +89,93 @@ class Attention(WatchedModule):
         start, end, heads = self._qkv_slice(part)
         return self.W_QKV[:, start:end].view(self.d_model, heads, self.d_head).transpose(0, 1)
 
-    def _bias(self, part: int) -> Float[Tensor, "head d_head"] | None:
-        if self.b_QKV is None:
-            return None
+    def _bias(self, part: int) -> Float[Tensor, "head d_head"]:
         start, end, heads = self._qkv_slice(part)
+        if self.b_QKV is None:
+            return self.W_QKV.new_zeros(heads, self.d_head)
         return self.b_QKV[start:end].view(heads, self.d_head)
+
+    def _per_query_head(self, kv: Tensor) -> Tensor:
+        """``kv`` (one row per kv head) as one row per query head: itself without grouping."""
+        if self.n_kv_heads == self.n_heads:
+            return kv
+        return kv.repeat_interleave(self.n_heads // self.n_kv_heads, dim=0)
 
     @property
     def W_Q(self) -> Float[Tensor, "head_index d_model d_head"]:
+        """A view of the stored weight: editing it in place edits the model."""
         return self._weight(0)
 
     @property
-    def W_K(self) -> Float[Tensor, "kv_head d_model d_head"]:
+    def _W_K(self) -> Float[Tensor, "kv_head d_model d_head"]:
+        """The stored key weight, one per kv head, as a view (TL's grouped-query ``_W_K``)."""
         return self._weight(1)
 
     @property
-    def W_V(self) -> Float[Tensor, "kv_head d_model d_head"]:
+    def _W_V(self) -> Float[Tensor, "kv_head d_model d_head"]:
+        """The stored value weight, one per kv head, as a view (TL's grouped-query ``_W_V``)."""
         return self._weight(2)
 
     @property
+    def W_K(self) -> Float[Tensor, "head_index d_model d_head"]:
+        """The key weight of each query head, as TransformerLens gives it.
+
+        Under grouped-query attention each kv head's weight is repeated for the query heads that
+        share it: a copy, so edit the model through :attr:`_W_K` instead. Otherwise it is a view
+        of the stored weight, and editing it edits the model.
+        """
+        return self._per_query_head(self._W_K)
+
+    @property
+    def W_V(self) -> Float[Tensor, "head_index d_model d_head"]:
+        """The value weight of each query head; a copy under grouped-query attention, like
+        :attr:`W_K` (edit :attr:`_W_V` then)."""
+        return self._per_query_head(self._W_V)
+
+    @property
     def W_O(self) -> Float[Tensor, "head_index d_head d_model"]:
+        """A view of the stored weight: editing it in place edits the model."""
         return self.W_O_flat.view(self.n_heads, self.d_head, self.d_model)
 
     @property
-    def b_Q(self) -> Float[Tensor, "head_index d_head"] | None:
+    def b_Q(self) -> Float[Tensor, "head_index d_head"]:
+        """A view of the stored bias; zeros (new each time, editing them does nothing) when
+        the model has no q, k, v bias, as TransformerLens's always-present biases are zero."""
         return self._bias(0)
 
     @property
-    def b_K(self) -> Float[Tensor, "kv_head d_head"] | None:
+    def _b_K(self) -> Float[Tensor, "kv_head d_head"]:
+        """The stored key bias, one per kv head (zeros without a bias, as :attr:`b_Q`)."""
         return self._bias(1)
 
     @property
-    def b_V(self) -> Float[Tensor, "kv_head d_head"] | None:
+    def _b_V(self) -> Float[Tensor, "kv_head d_head"]:
+        """The stored value bias, one per kv head (zeros without a bias, as :attr:`b_Q`)."""
         return self._bias(2)
+
+    @property
+    def b_K(self) -> Float[Tensor, "head_index d_head"]:
+        """The key bias of each query head; a copy under grouped-query attention (see
+        :attr:`W_K`), zeros without a bias (see :attr:`b_Q`)."""
+        return self._per_query_head(self._b_K)
+
+    @property
+    def b_V(self) -> Float[Tensor, "head_index d_head"]:
+        """The value bias of each query head, as :attr:`b_K`."""
+        return self._per_query_head(self._b_V)
+
+    @property
+    def QK(self) -> FactoredMatrix:
+        """Each head's QK circuit ``W_Q W_K^T``, ``[head_index, d_model, d_model]``, factored.
+
+        Scores are ``x_dst QK x_src^T`` before scaling (and before rotary on rotary models).
+        """
+        return FactoredMatrix(self.W_Q, self.W_K.transpose(-2, -1))
+
+    @property
+    def OV(self) -> FactoredMatrix:
+        """Each head's OV circuit ``W_V W_O``, ``[head_index, d_model, d_model]``, factored."""
+        return FactoredMatrix(self.W_V, self.W_O)
 
     def native(self) -> NativeAttention | None:
         """This attention for the fused native layer, or ``None``: the kernel has no

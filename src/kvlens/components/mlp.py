@@ -87,7 +87,8 @@ class GatedMLP(WatchedModule):
     Attributes:
         W_gate_in: ``[d_model, 2 * d_mlp]``.
         W_out: ``[d_mlp, d_model]``.
-        b_gate_in: ``[2 * d_mlp]`` and ``b_out``: ``[d_model]``, when ``cfg.mlp_bias``.
+        b_gate_in: ``[2 * d_mlp]`` and ``b_out``: ``[d_model]``, when ``cfg.mlp_bias`` (else
+            ``None``; ``b_in``, a view of ``b_gate_in``, is then zeros, as in TransformerLens).
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -115,8 +116,12 @@ class GatedMLP(WatchedModule):
         return None if self.b_gate_in is None else self.b_gate_in[: self.d_mlp]
 
     @property
-    def b_in(self) -> Float[Tensor, " d_mlp"] | None:
-        return None if self.b_gate_in is None else self.b_gate_in[self.d_mlp :]
+    def b_in(self) -> Float[Tensor, " d_mlp"]:
+        """A view of the stored bias, or zeros (TransformerLens's ``b_in`` of a model without
+        MLP biases; editing them does nothing) when the model has none."""
+        if self.b_gate_in is None:
+            return self.W_gate_in.new_zeros(self.d_mlp)
+        return self.b_gate_in[self.d_mlp :]
 
     def native(self) -> NativeMLP | None:
         """This MLP for the fused native layer: a gated SiLU MLP only (else ``None``)."""

@@ -25,14 +25,56 @@ def make_attention(cfg: ModelConfig = CFG) -> Attention:
 
 def test_views_have_transformer_lens_shapes_and_share_storage() -> None:
     attn = make_attention()
-    assert attn.W_Q.shape == (4, 16, 4) and attn.W_K.shape == attn.W_V.shape == (2, 16, 4)
+    assert attn.W_Q.shape == attn.W_K.shape == attn.W_V.shape == (4, 16, 4)
+    assert attn._W_K.shape == attn._W_V.shape == (2, 16, 4)
     assert attn.W_O.shape == (4, 4, 16)
-    assert attn.b_Q is not None and attn.b_Q.shape == (4, 4)
-    assert attn.b_V is not None and attn.b_V.shape == (2, 4)
+    assert attn.b_Q.shape == attn.b_K.shape == attn.b_V.shape == (4, 4)
+    assert attn._b_K.shape == attn._b_V.shape == (2, 4)
+    # Grouped: each kv head serves two query heads.
+    assert torch.equal(attn.W_K, attn._W_K.repeat_interleave(2, dim=0))
+    assert torch.equal(attn.b_V[2:], attn._b_V[1:].expand(2, 4))
+    with torch.no_grad():
+        attn._W_K[1].fill_(7.0)
+        attn.W_Q[3].fill_(5.0)
+        attn._b_V[0].fill_(3.0)
+    assert torch.equal(attn.W_QKV[:, 16 + 4 : 16 + 8], torch.full((16, 4), 7.0))
+    assert torch.equal(attn.W_QKV[:, 12:16], torch.full((16, 4), 5.0))
+    assert attn.b_QKV is not None and torch.equal(attn.b_QKV[24:28], torch.full((4,), 3.0))
+    assert torch.equal(attn.W_K[2:], torch.full((2, 16, 4), 7.0))
+
+
+def test_repeated_grouped_weights_are_copies() -> None:
+    attn = make_attention()
+    before = attn.W_QKV.detach().clone()
+    with torch.no_grad():
+        attn.W_K.fill_(1.0)
+        attn.b_V.fill_(1.0)
+    assert torch.equal(attn.W_QKV, before)
+
+
+def test_without_grouping_key_weights_are_views() -> None:
+    attn = make_attention(CFG.replace(n_key_value_heads=None))
+    assert attn.W_K.shape == (4, 16, 4)
     with torch.no_grad():
         attn.W_K[1].fill_(7.0)
+        attn.b_V[2].fill_(2.0)
     assert torch.equal(attn.W_QKV[:, 16 + 4 : 16 + 8], torch.full((16, 4), 7.0))
-    assert Attention(CFG.replace(attn_qkv_bias=False)).b_K is None
+    assert attn.b_QKV is not None and torch.equal(attn.b_QKV[40:44], torch.full((4,), 2.0))
+
+
+def test_missing_biases_are_zeros() -> None:
+    attn = make_attention(CFG.replace(attn_qkv_bias=False, attn_out_bias=False))
+    assert attn.b_QKV is None and attn.b_O is None  # the storage stays absent
+    for bias, heads in ((attn.b_Q, 4), (attn.b_K, 4), (attn.b_V, 4), (attn._b_K, 2)):
+        assert torch.equal(bias, torch.zeros(heads, 4))
+
+
+def test_circuits_are_factored_products() -> None:
+    attn = make_attention()
+    qk, ov = attn.QK, attn.OV
+    assert qk.shape == ov.shape == (4, 16, 16) and qk.mdim == ov.mdim == 4
+    torch.testing.assert_close(qk.AB, attn.W_Q @ attn.W_K.transpose(-2, -1))
+    torch.testing.assert_close(ov.AB, attn.W_V @ attn.W_O)
 
 
 @pytest.mark.parametrize("hooked", [False, True], ids=["fused", "eager"])
@@ -45,7 +87,6 @@ def test_matches_per_head_reference(hooked: bool) -> None:
     q = torch.einsum("bpd,hde->bphe", x, attn.W_Q) + attn.b_Q
     k = torch.einsum("bpd,hde->bphe", x, attn.W_K) + attn.b_K
     v = torch.einsum("bpd,hde->bphe", x, attn.W_V) + attn.b_V
-    k, v = k.repeat_interleave(2, dim=2), v.repeat_interleave(2, dim=2)
     scores = torch.einsum("bqhe,bkhe->bhqk", q, k) / 2.0
     scores = scores.masked_fill(~torch.ones(5, 5, dtype=torch.bool).tril(), float("-inf"))
     z = torch.einsum("bhqk,bkhe->bqhe", scores.softmax(-1), v)

@@ -29,7 +29,8 @@ def test_plain_mlp() -> None:
 
 def test_gated_mlp_and_its_views() -> None:
     mlp = make_mlp(CFG.replace(gated_mlp=True, act_fn="silu", mlp_bias=False))
-    assert isinstance(mlp, GatedMLP) and mlp.b_in is None and mlp.b_gate is None
+    assert isinstance(mlp, GatedMLP) and mlp.b_gate_in is None and mlp.b_gate is None
+    assert torch.equal(mlp.b_in, torch.zeros(mlp.d_mlp))  # TransformerLens's zero bias
     randomize(mlp)
     x = torch.randn(2, 3, 8)
     expected = (F.silu(x @ mlp.W_gate) * (x @ mlp.W_in)) @ mlp.W_out
