@@ -22,13 +22,8 @@ from typing import Any, Literal, overload
 import torch
 from torch import Tensor, nn
 
-from kvlens.activation_cache import (
-    ActivationCache,
-    PosSlice,
-    get_act_name,
-    position_index,
-    slice_positions,
-)
+from kvlens.act_names import PosSlice, get_act_name, position_index, slice_positions
+from kvlens.activation_cache import ActivationCache
 from kvlens.hook_point import Direction, HookEntry, HookFn, HookPoint
 
 __all__ = [

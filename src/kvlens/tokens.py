@@ -1,12 +1,13 @@
-"""Text to tokens and back: ``to_tokens``, ``to_string``, ``to_str_tokens`` on the model."""
+"""Text to tokens and back: ``to_tokens``, ``to_string``, ``to_str_tokens`` and the like."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
+import numpy as np
 import torch
-from jaxtyping import Bool, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from kvlens.config import ModelConfig
@@ -226,22 +227,126 @@ class TokenizerMixin:
         raise ValueError(f"tokens must be 1-D or 2-D, got shape {tuple(t.shape)}")
 
     def to_str_tokens(
-        self, input: str | Tensor | Sequence[int], prepend_bos: bool | None = None
-    ) -> list[str]:
-        """Each token of one text (or of a 1-D / batch-1 token tensor) as its own string."""
+        self,
+        input: str | Tensor | np.ndarray | Sequence[Any],
+        prepend_bos: bool | None = None,
+        padding_side: PaddingSide | None = None,
+    ) -> list[str] | list[list[str]]:
+        """Each token as its own string, as TransformerLens's ``to_str_tokens``.
+
+        A string is tokenized first (``prepend_bos``, ``padding_side`` as in :meth:`to_tokens`).
+        A tensor or array is squeezed and must then be 1-D (so ``[1, pos]`` works). A list of
+        strings, tensors or arrays gives one list per item. A flat list of ints is read as one
+        sequence of ids, where TransformerLens raises.
+        """
+        tokenizer = self._require_tokenizer()
         if isinstance(input, str):
-            ids = self.to_tokens(input, prepend_bos=prepend_bos)[0].tolist()
-        else:
-            t = torch.as_tensor(input)
-            if t.ndim == 2 and t.shape[0] == 1:
-                t = t[0]
+            ids = self.to_tokens(input, prepend_bos=prepend_bos, padding_side=padding_side)[0]
+            return _decode_each(tokenizer, ids.tolist())
+        if isinstance(input, (list, tuple)):
+            if input and all(isinstance(i, int) for i in input):
+                return _decode_each(tokenizer, list(input))
+            return [
+                cast(list[str], self.to_str_tokens(item, prepend_bos, padding_side))
+                for item in input
+            ]
+        if isinstance(input, (Tensor, np.ndarray)):
+            t = torch.as_tensor(input).squeeze()
+            if t.ndim == 0:
+                t = t[None]
             if t.ndim != 1:
                 raise ValueError(
-                    f"to_str_tokens takes one sequence; got tokens of shape {tuple(t.shape)}"
+                    "to_str_tokens takes one sequence of tokens; got shape "
+                    f"{tuple(torch.as_tensor(input).shape)}"
                 )
-            ids = t.tolist()
-        tokenizer = self._require_tokenizer()
-        return [tokenizer.decode([i], clean_up_tokenization_spaces=False) for i in ids]
+            return _decode_each(tokenizer, t.tolist())
+        raise ValueError(f"to_str_tokens cannot read input of type {type(input).__name__}")
+
+    def to_single_token(self, string: str) -> int:
+        """The id of the one token ``string`` is (no BOS).
+
+        Raises:
+            ValueError: If ``string`` is more than one token.
+        """
+        tokens = self.to_tokens(string, prepend_bos=False).squeeze()
+        if tokens.ndim != 0:
+            raise ValueError(f"{string!r} is {tokens.numel()} tokens, not a single token")
+        return int(tokens.item())
+
+    def to_single_str_token(self, int_token: int) -> str:
+        """The text of token id ``int_token``."""
+        if not isinstance(int_token, int):
+            raise TypeError(f"int_token must be an int, got {type(int_token).__name__}")
+        return _decode_each(self._require_tokenizer(), [int_token])[0]
+
+    def get_token_position(
+        self,
+        single_token: str | int | Tensor,
+        input: str | Int[Tensor, " pos"] | Int[Tensor, "1 pos"],
+        mode: Literal["first", "last"] = "first",
+        prepend_bos: bool | None = None,
+        padding_side: PaddingSide | None = None,
+    ) -> int:
+        """Where ``single_token`` first (or last) occurs in ``input``.
+
+        Args:
+            single_token: A token, as its text (one token) or id.
+            input: Text (tokenized with ``prepend_bos`` and ``padding_side``, so positions
+                count the BOS when one is added) or tokens ``[pos]`` / ``[1, pos]``.
+            mode: ``"first"`` or ``"last"`` occurrence.
+
+        Raises:
+            ValueError: If the token does not occur, the tokens are a batch of more than one,
+                or ``mode`` is neither.
+        """
+        if isinstance(input, str):
+            tokens = self.to_tokens(input, prepend_bos=prepend_bos, padding_side=padding_side)
+        else:
+            tokens = input
+        if tokens.ndim == 2:
+            if tokens.shape[0] != 1:
+                raise ValueError(f"tokens of rank 2 must be [1, pos], got {tuple(tokens.shape)}")
+            tokens = tokens[0]
+        if isinstance(single_token, str):
+            single_token = self.to_single_token(single_token)
+        elif isinstance(single_token, Tensor):
+            single_token = int(single_token.item())
+        found = (tokens == single_token).nonzero().flatten()
+        if found.numel() == 0:
+            raise ValueError(f"token {single_token} does not occur in the input")
+        if mode == "first":
+            return int(found[0].item())
+        if mode == "last":
+            return int(found[-1].item())
+        raise ValueError(f"mode must be 'first' or 'last', got {mode!r}")
+
+    def tokens_to_residual_directions(
+        self, tokens: str | int | Int[Tensor, "..."]
+    ) -> Float[Tensor, "*tokens d_model"]:
+        """The unembedding direction (column of ``W_U``) of each token: ``[..., d_model]``.
+
+        A string (one token), an int or a one-element tensor gives ``[d_model]``; a tensor of
+        more tokens gives its own shape plus ``d_model``.
+        """
+        W_U = getattr(self, "W_U", None)
+        if W_U is None:
+            raise ValueError("tokens_to_residual_directions needs the model's W_U")
+        if isinstance(tokens, Tensor) and tokens.numel() > 1:
+            return W_U[:, tokens].movedim(0, -1)
+        if isinstance(tokens, str):
+            token = self.to_single_token(tokens)
+        elif isinstance(tokens, int):
+            token = tokens
+        elif isinstance(tokens, Tensor) and tokens.numel() == 1:
+            token = int(tokens.item())
+        else:
+            raise ValueError(f"cannot read tokens of type {type(tokens).__name__}")
+        return W_U[:, token]
+
+
+def _decode_each(tokenizer: Any, ids: list[int]) -> list[str]:
+    """Each id decoded on its own, with no clean-up of spaces."""
+    return [tokenizer.decode([i], clean_up_tokenization_spaces=False) for i in ids]
 
 
 def stream_decode(
