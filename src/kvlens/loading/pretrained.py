@@ -1,4 +1,5 @@
-"""``from_pretrained``: a known model name, a Hugging Face checkpoint folder, or a GGUF file."""
+"""``from_pretrained``: the default model, a local checkpoint folder or GGUF file, or a Hugging Face
+model by repo id or TransformerLens alias (see ``kvlens.loading.hub``)."""
 
 from __future__ import annotations
 
@@ -21,13 +22,20 @@ KNOWN_MODELS = {DEFAULT_MODEL: default_gguf_path}
 _ALIASES = {"smollm2-135m-instruct": DEFAULT_MODEL, "smollm2": DEFAULT_MODEL}
 
 
-def resolve_model_path(name_or_path: str | Path | None) -> Path:
+def resolve_model_path(name_or_path: str | Path | None, progress: bool = True) -> Path:
     """The local file or folder for a model name or path.
 
+    In this order: ``None`` or the default model's name (its GGUF file); an existing path; a
+    path-like name that does not exist is refused; a Hugging Face repo id or a TransformerLens
+    alias, resolved through the Hugging Face cache or downloaded (``kvlens.loading.hub``).
+
     Raises:
-        ValueError: Neither a known name nor an existing path (the message lists the names).
-        ModelNotInstalledError: A known model whose package is not installed.
+        ValueError: Neither a known name, a path, nor a repo id of a supported family.
+        FileNotFoundError: A path that does not exist, or a repo missing from the cache offline.
+        ModelNotInstalledError: The default model's package is not installed.
     """
+    from kvlens.loading import hub
+
     if name_or_path is None:
         return KNOWN_MODELS[DEFAULT_MODEL]()
     key = str(name_or_path).strip().lower().removeprefix("huggingfacetb/")
@@ -36,25 +44,44 @@ def resolve_model_path(name_or_path: str | Path | None) -> Path:
     path = Path(name_or_path).expanduser()
     if path.exists():
         return path
-    looks_like_path = any(sep in str(name_or_path) for sep in ("/", "\\")) or str(
-        name_or_path
-    ).endswith((".gguf", ".safetensors"))
-    if looks_like_path:
-        raise FileNotFoundError(f"model path {str(name_or_path)!r} does not exist")
-    raise ValueError(
-        f"unknown model {str(name_or_path)!r}; known models: {sorted(KNOWN_MODELS)}, or give the "
-        "path of a Hugging Face checkpoint folder or of a .gguf file"
+    text = str(name_or_path)
+    if _looks_like_path(name_or_path):
+        raise FileNotFoundError(f"model path {text!r} does not exist")
+    repo_id = hub.repo_id_for(text)
+    if repo_id is None:
+        raise ValueError(hub.unknown_name_message(text, default_model=DEFAULT_MODEL))
+    return hub.checkpoint_folder(repo_id, progress=progress)
+
+
+def _looks_like_path(name_or_path: str | Path) -> bool:
+    """Whether a name can only be a path (a repo id is ``org/name``, with no file suffix)."""
+    text = str(name_or_path)
+    return (
+        isinstance(name_or_path, Path)
+        or text.startswith((".", "~", "/"))
+        or "\\" in text
+        or text.count("/") > 1
+        or text.endswith((".gguf", ".safetensors"))
     )
 
 
 def load_pretrained(
     name_or_path: str | Path | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str = torch.float32,
     device: str | None = None,
     progress: bool = True,
 ) -> HookedTransformer:
-    """Build a model from a known name, a checkpoint folder or a GGUF file (see ``resolve``)."""
-    path = resolve_model_path(name_or_path)
+    """Build a model from a name, a checkpoint folder or a GGUF file.
+
+    ``name_or_path`` resolves as ``resolve_model_path`` says: ``None`` or
+    ``"smollm2-135m-instruct"`` (the default model), an existing Hugging Face checkpoint folder or
+    ``.gguf`` file, else a Hugging Face repo id (``"EleutherAI/pythia-70m"``) or a
+    TransformerLens alias (``"gpt2-small"``, ``"pythia-70m"``), taken from the local Hugging Face
+    cache first and downloaded otherwise (never with ``HF_HUB_OFFLINE=1``); safetensors weights
+    only. ``dtype`` is a ``torch.dtype`` or its name (``"float16"``, ``"fp16"``, ``"bf16"``...).
+    """
+    dtype = parse_dtype(dtype)
+    path = resolve_model_path(name_or_path, progress=progress)
     if path.is_file():
         if path.suffix != ".gguf":
             raise ValueError(
@@ -70,6 +97,31 @@ def load_pretrained(
         f"{path} holds neither a config.json (Hugging Face checkpoint) nor exactly one .gguf file "
         f"(found {len(ggufs)})"
     )
+
+
+_DTYPE_NAMES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float64": torch.float64,
+    "fp64": torch.float64,
+    "double": torch.float64,
+}
+
+
+def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """A ``torch.dtype`` from itself or its name (``"float16"``, ``"fp16"``, ``"bfloat16"``)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    key = str(dtype).strip().lower().removeprefix("torch.")
+    if key not in _DTYPE_NAMES:
+        raise ValueError(f"dtype {dtype!r} is not a dtype name; known: {sorted(_DTYPE_NAMES)}")
+    return _DTYPE_NAMES[key]
 
 
 def _from_gguf(
