@@ -73,6 +73,24 @@ class ModelConfig:
             ``None`` with a ``window_size`` means every layer is local (Mistral).
         use_normalization_before_and_after: Norms after attention and after the MLP too
             (``ln1_post``, ``ln2_post``; Gemma 2), before each output joins the residual stream.
+        use_attn_result: Compute each head's contribution to the residual stream,
+            ``blocks.{i}.attn.hook_result`` ``[batch, pos, head_index, d_model]``, and sum them
+            (memory hungry: ``d_model`` per head per token).
+        use_split_qkv_input: Give each head its own query, key and value input,
+            ``blocks.{i}.hook_q_input`` ``[batch, pos, head_index, d_model]`` and
+            ``hook_k_input``/``hook_v_input`` ``[batch, pos, kv_head, d_model]``, each normalized
+            by ``ln1`` separately.
+        use_attn_in: Give each head its own input, ``blocks.{i}.hook_attn_in``
+            ``[batch, pos, head_index, d_model]``, shared by its query, key and value (not with
+            grouped-query attention; ignored, though it fires, under ``use_split_qkv_input``).
+        use_hook_mlp_in: ``blocks.{i}.hook_mlp_in`` ``[batch, pos, d_model]``, the MLP's input
+            before ``ln2``.
+        use_hook_tokens: ``hook_tokens`` ``[batch, pos]``, the token ids just before the
+            embedding.
+
+    The five ``use_*`` hook options only add hook points (TransformerLens's
+    ``HookedTransformer.set_use_*`` turn them on in a loaded model); they do not change what a
+    cache holds, so :meth:`fingerprint` leaves them out.
     """
 
     n_layers: int
@@ -109,6 +127,11 @@ class ModelConfig:
     window_size: int | None = None
     attn_types: tuple[AttnType, ...] | None = None
     use_normalization_before_and_after: bool = False
+    use_attn_result: bool = False
+    use_split_qkv_input: bool = False
+    use_attn_in: bool = False
+    use_hook_mlp_in: bool = False
+    use_hook_tokens: bool = False
 
     def __post_init__(self) -> None:
         for name in ("n_layers", "d_model", "n_heads", "d_head", "n_ctx", "d_vocab", "n_devices"):
@@ -149,6 +172,14 @@ class ModelConfig:
             if not _is_real(value) or not value > 0:
                 raise ValueError(f"ModelConfig.{name} must be a number > 0, got {value!r}")
         self._check_attention_fields()
+        for name in HOOK_OPTIONS:
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"ModelConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        if self.use_attn_in and self.n_key_value_heads is not None:
+            raise ValueError(
+                "ModelConfig.use_attn_in needs multi-head attention (n_key_value_heads=None), got "
+                f"n_key_value_heads={self.n_key_value_heads}; use use_split_qkv_input instead"
+            )
         if self.dtype not in _FLOAT_DTYPES:
             raise ValueError(
                 f"ModelConfig.dtype must be one of {_FLOAT_DTYPES}, got {self.dtype!r}"
@@ -243,11 +274,11 @@ class ModelConfig:
     def fingerprint(self) -> str:
         """A short hash of the fields that decide the cache's layout and meaning.
 
-        Device, ``n_devices`` and tokenization defaults are left out: a cache made on one device
-        is valid on another.
+        Device, ``n_devices``, tokenization defaults and the hook options (:data:`HOOK_OPTIONS`)
+        are left out: a cache made on one device, or before a hook option was turned on, is valid.
         """
         fields = self.to_dict()
-        for name in ("device", "n_devices", "default_prepend_bos"):
+        for name in ("device", "n_devices", "default_prepend_bos", *HOOK_OPTIONS):
             fields.pop(name)
         # Fields added after caches were first saved count only when set, so a cache saved
         # before they existed keeps its fingerprint.
@@ -257,6 +288,15 @@ class ModelConfig:
         blob = json.dumps(fields, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
+
+HOOK_OPTIONS = (
+    "use_attn_result",
+    "use_split_qkv_input",
+    "use_attn_in",
+    "use_hook_mlp_in",
+    "use_hook_tokens",
+)
+"""The config fields that only add hook points (TransformerLens's ``set_use_*`` options)."""
 
 _LATER_FIELDS: dict[str, Any] = {
     "attn_scale": None,

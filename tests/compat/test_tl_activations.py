@@ -10,8 +10,9 @@ import torch
 from tests.compat.pairs import Pair, assert_same, random_tokens
 
 # Hook points TL 2.18 declares on every HookedTransformer but fires only when a config flag
-# turns them on (use_attn_result, use_split_qkv_input, use_attn_in, use_hook_mlp_in). kvlens has
-# none of them. (hook_tokens is declared only under use_hook_tokens.)
+# turns them on (use_attn_result, use_split_qkv_input, use_attn_in, use_hook_mlp_in). kvlens
+# declares them only while the option is on (test_tl_hook_options.py). (hook_tokens is declared
+# only under use_hook_tokens.)
 TL_OPT_IN = (
     "attn.hook_result",
     "hook_attn_in",

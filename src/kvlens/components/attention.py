@@ -44,7 +44,16 @@ class Attention(WatchedModule):
     Attention itself (scale, soft-capping, masks and sliding window, and which implementation
     runs) is :func:`kvlens.components.attend.attend`, by the rules in ``self.spec``
     (:class:`~kvlens.components.attention_rules.AttentionSpec`). ``hook_z`` fires on every path.
+
+    TransformerLens's hook options: given per-head inputs (``key_input``, ``value_input``: the
+    block's ``use_split_qkv_input`` or ``use_attn_in``), each head's q, k, v come from its own
+    input by a per-head matmul; with ``use_attn_result`` (:meth:`set_use_attn_result`) each
+    head's output ``z W_O[h]`` passes ``hook_result`` ``[batch, pos, head_index, d_model]`` and
+    the heads are summed (plus ``b_O``), as in TransformerLens. Both equal the fused matmuls up to
+    float rounding.
     """
+
+    hook_result: HookPoint  # declared by set_use_attn_result only while it is on
 
     def __init__(self, cfg: ModelConfig, layer_idx: int = 0) -> None:
         super().__init__()
@@ -76,6 +85,17 @@ class Attention(WatchedModule):
         self.hook_attn_scores = HookPoint()  # [batch, head_index, pos, kv_pos]
         self.hook_pattern = HookPoint()  # [batch, head_index, pos, kv_pos]
         self.hook_z = HookPoint()  # [batch, pos, head_index, d_head]
+        self.use_attn_result = False
+        self.set_use_attn_result(cfg.use_attn_result)
+
+    def set_use_attn_result(self, use_attn_result: bool) -> None:
+        """Declare ``hook_result`` ``[batch, pos, head_index, d_model]`` and sum the heads'
+        results, or drop it (with its hooks) and project ``z`` in one matmul."""
+        self.use_attn_result = use_attn_result
+        if use_attn_result and not hasattr(self, "hook_result"):
+            self.hook_result = HookPoint()  # [batch, pos, head_index, d_model]
+        elif not use_attn_result and hasattr(self, "hook_result"):
+            del self.hook_result
 
     # TransformerLens's per-head weights ------------------------------------------------------
 
@@ -192,20 +212,31 @@ class Attention(WatchedModule):
 
     def forward(
         self,
-        x: Float[Tensor, "batch pos d_model"],
+        x: Float[Tensor, "batch pos d_model"] | Float[Tensor, "batch pos head_index d_model"],
         ctx: AttentionContext,
         cache_entry: AttentionEntry | None = None,
+        key_input: Float[Tensor, "batch pos kv_head d_model"] | None = None,
+        value_input: Float[Tensor, "batch pos kv_head d_model"] | None = None,
     ) -> Float[Tensor, "batch pos d_model"]:
         """Attend from the new tokens ``x`` to the cached and the new tokens.
 
         Args:
-            x: The normalized residual stream of the new tokens.
+            x: The normalized residual stream of the new tokens; with ``key_input`` and
+                ``value_input``, each query head's own normalized input.
             ctx: Masks and rotary angles of this forward pass.
             cache_entry: This layer's cache entry; the new keys and values are appended to it,
                 and it gives back every key and value to attend to (a shared prefix's too).
+            key_input: Each kv head's own normalized input for its keys (TransformerLens's
+                ``use_split_qkv_input`` and ``use_attn_in``); ``None``: ``x`` serves all three.
+            value_input: The same for the values (given together with ``key_input``).
         """
-        batch, n_new, _ = x.shape
-        q, k, v = self._project_and_rotate(x, ctx)
+        batch, n_new = x.shape[0], x.shape[1]
+        if key_input is None or value_input is None:
+            if key_input is not None or value_input is not None:
+                raise ValueError("give key_input and value_input together, or neither")
+            q, k, v = self._project_and_rotate(x, ctx)
+        else:
+            q, k, v = self._project_heads_and_rotate(x, key_input, value_input, ctx)
         if cache_entry is not None:
             keys = cache_entry.append_for_attention(k, v)
         else:
@@ -214,7 +245,17 @@ class Attention(WatchedModule):
             q.transpose(1, 2), keys, self.spec, ctx, self.hook_attn_scores, self.hook_pattern
         )
         z = self.hook_z(z_heads.transpose(1, 2))
+        if self.use_attn_result:
+            return self._sum_of_results(z)
         return linear(z.reshape(batch, n_new, -1), self.W_O_flat, self.b_O)
+
+    def _sum_of_results(
+        self, z: Float[Tensor, "batch pos head_index d_head"]
+    ) -> Float[Tensor, "batch pos d_model"]:
+        """Each head's result through ``hook_result``, summed over heads, plus ``b_O``."""
+        result = self.hook_result(torch.einsum("bphd,hdm->bphm", z, self.W_O))
+        out = result.sum(dim=2)
+        return out if self.b_O is None else out + self.b_O
 
     def _project_and_rotate(
         self, x: Float[Tensor, "batch pos d_model"], ctx: AttentionContext
@@ -231,24 +272,69 @@ class Attention(WatchedModule):
         # and rotary is elementwise, so the result is bit-identical and a decode step does half
         # the small ops.
         joint = self.rotary and not (self.hook_q.has_hooks or self.hook_k.has_hooks)
-        q, k = heads[:, :, :n_q], heads[:, :, n_q:n_qk]
         if not joint:
-            q, k = self.hook_q(q), self.hook_k(k)
+            return self._hook_and_rotate(
+                heads[:, :, :n_q], heads[:, :, n_q:n_qk], heads[:, :, n_qk:], ctx
+            )
         v = self.hook_v(heads[:, :, n_qk:])
+        cos, sin = self._angles(ctx)
+        # In place is safe: heads is this call's own matmul output, unseen by any hook.
+        qk = kernels.rotary_(heads[:, :, :n_qk], cos, sin, self.rotary_adjacent_pairs)
+        if qk is None:
+            qk = apply_rotary(heads[:, :, :n_qk], cos, sin, self.rotary_adjacent_pairs)
+        return self.hook_rot_q(qk[:, :, :n_q]), self.hook_rot_k(qk[:, :, n_q:]), v
+
+    def _project_heads_and_rotate(
+        self,
+        query_input: Float[Tensor, "batch pos head_index d_model"],
+        key_input: Float[Tensor, "batch pos kv_head d_model"],
+        value_input: Float[Tensor, "batch pos kv_head d_model"],
+        ctx: AttentionContext,
+    ) -> tuple[
+        Float[Tensor, "batch pos head_index d_head"],
+        Float[Tensor, "batch pos kv_head d_head"],
+        Float[Tensor, "batch pos kv_head d_head"],
+    ]:
+        """q, k, v from each head's own input (TransformerLens's per-head projection)."""
+        for what, tensor, heads in (
+            ("query_input", query_input, self.n_heads),
+            ("key_input", key_input, self.n_kv_heads),
+            ("value_input", value_input, self.n_kv_heads),
+        ):
+            if tensor.dim() != 4 or tensor.shape[2:] != (heads, self.d_model):
+                raise ValueError(
+                    f"{what} has shape {tuple(tensor.shape)}, expected "
+                    f"[batch, pos, {heads}, {self.d_model}]"
+                )
+        q = torch.einsum("bphm,hmd->bphd", query_input, self.W_Q) + self._bias(0)
+        k = torch.einsum("bphm,hmd->bphd", key_input, self._W_K) + self._bias(1)
+        v = torch.einsum("bphm,hmd->bphd", value_input, self._W_V) + self._bias(2)
+        return self._hook_and_rotate(q, k, v, ctx)
+
+    def _hook_and_rotate(
+        self,
+        q: Float[Tensor, "batch pos head_index d_head"],
+        k: Float[Tensor, "batch pos kv_head d_head"],
+        v: Float[Tensor, "batch pos kv_head d_head"],
+        ctx: AttentionContext,
+    ) -> tuple[
+        Float[Tensor, "batch pos head_index d_head"],
+        Float[Tensor, "batch pos kv_head d_head"],
+        Float[Tensor, "batch pos kv_head d_head"],
+    ]:
+        """q, k, v through their hooks, then q and k rotated (on copies) on rotary models."""
+        q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
         if not self.rotary:
             return q, k, v
+        cos, sin = self._angles(ctx)
+        q, k = self._rotate_copy(q, cos, sin), self._rotate_copy(k, cos, sin)
+        return self.hook_rot_q(q), self.hook_rot_k(k), v
+
+    def _angles(self, ctx: AttentionContext) -> tuple[Tensor, Tensor]:
         cos, sin = ctx.rotary_cos, ctx.rotary_sin
         if cos is None or sin is None:
             raise ValueError("this attention layer is rotary but ctx carries no rotary angles")
-        if joint:
-            # In place is safe: heads is this call's own matmul output, unseen by any hook.
-            qk = kernels.rotary_(heads[:, :, :n_qk], cos, sin, self.rotary_adjacent_pairs)
-            if qk is None:
-                qk = apply_rotary(heads[:, :, :n_qk], cos, sin, self.rotary_adjacent_pairs)
-            q, k = qk[:, :, :n_q], qk[:, :, n_q:]
-        else:
-            q, k = self._rotate_copy(q, cos, sin), self._rotate_copy(k, cos, sin)
-        return self.hook_rot_q(q), self.hook_rot_k(k), v
+        return cos, sin
 
     def _rotate_copy(
         self, x: Float[Tensor, "batch pos head d_head"], cos: Tensor, sin: Tensor
