@@ -10,8 +10,9 @@ unembedding directions; the shares add up to the model's logit difference exactl
 
 TransformerLens users would write ``cache.logit_attrs(stack, correct, incorrect)``. That method
 divides by the recorded scale only, which is exact for TransformerLens's default folded weights
-(``fold_ln`` moves ``ln_final.w`` into ``W_U``). kvlens does not fold weights yet, so this
-script multiplies by ``model.ln_final.w`` itself.
+(``fold_ln`` moves ``ln_final.w`` into ``W_U``). kvlens's ``from_pretrained`` folds them too
+(``ln_final.w`` is then all ones), but this script multiplies by ``model.ln_final.w`` itself so
+that it is also right on a model loaded with ``from_pretrained_no_processing``.
 """
 
 from __future__ import annotations

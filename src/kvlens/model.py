@@ -29,6 +29,7 @@ from kvlens.prepare import (
     prepare_pass,
     tokens_from_input,
 )
+from kvlens.processing import WeightProcessing, process_weights_
 from kvlens.tokens import PaddingSide, TokenizerMixin
 from kvlens.weights import WeightsMixin
 
@@ -76,6 +77,7 @@ class HookedTransformer(TokenizerMixin, GenerationMixin, WeightsMixin, HookedRoo
         super().__init__()
         self.cfg = cfg
         self._fingerprint: str | None = None  # of the weights, see weights_fingerprint()
+        self.weight_processing = WeightProcessing()  # what process_weights_ applied
         self._devices: list[torch.device] = []  # see _block_devices()
         self._devices_of: ModelConfig | None = None
         self.set_tokenizer(tokenizer, default_padding_side)
@@ -205,8 +207,15 @@ class HookedTransformer(TokenizerMixin, GenerationMixin, WeightsMixin, HookedRoo
         device: str | None = None,
         progress: bool = True,
         default_padding_side: PaddingSide = "right",
+        *,
+        fold_ln: bool = True,
+        center_writing_weights: bool = True,
+        center_unembed: bool = True,
+        fold_value_biases: bool = True,
+        refactor_factored_attn_matrices: bool = False,
     ) -> HookedTransformer:
-        """Load a model by name, from the local Hugging Face cache, a download or local files.
+        """Load a model by name, from the local Hugging Face cache, a download or local files,
+        and process its weights as TransformerLens's ``from_pretrained`` does by default.
 
         Args:
             model_name: ``None`` or ``"smollm2-135m-instruct"`` (the default model, from the
@@ -221,12 +230,68 @@ class HookedTransformer(TokenizerMixin, GenerationMixin, WeightsMixin, HookedRoo
             progress: Show progress bars while reading and dequantizing.
             default_padding_side: Where ``to_tokens`` pads a batch: TransformerLens's default,
                 ``"right"``, whatever side the checkpoint's tokenizer chose.
+            fold_ln, center_writing_weights, center_unembed, fold_value_biases,
+                refactor_factored_attn_matrices: The processing steps (keyword-only), with
+                TransformerLens's defaults; see :meth:`process_weights_`. The logits change
+                only by ``center_unembed``'s per-position shift, log-probabilities not at all.
         """
         from kvlens.loading.pretrained import load_pretrained
 
         model = load_pretrained(model_name, dtype=dtype, device=device, progress=progress)
         model.set_tokenizer(model.tokenizer, default_padding_side)
+        model.process_weights_(
+            fold_ln=fold_ln,
+            center_writing_weights=center_writing_weights,
+            center_unembed=center_unembed,
+            fold_value_biases=fold_value_biases,
+            refactor_factored_attn_matrices=refactor_factored_attn_matrices,
+        )
         return model
+
+    @classmethod
+    def from_pretrained_no_processing(
+        cls,
+        model_name: str | Path | None = None,
+        dtype: torch.dtype | str = torch.float32,
+        device: str | None = None,
+        progress: bool = True,
+        default_padding_side: PaddingSide = "right",
+        **steps: bool,
+    ) -> HookedTransformer:
+        """:meth:`from_pretrained` with every processing step off unless ``steps`` turns one
+        on: the checkpoint's weights as they are (TransformerLens's name)."""
+        off = {f: False for f in WeightProcessing.__dataclass_fields__}
+        return cls.from_pretrained(
+            model_name, dtype, device, progress, default_padding_side, **(off | steps)
+        )
+
+    def process_weights_(
+        self,
+        fold_ln: bool = True,
+        center_writing_weights: bool = True,
+        center_unembed: bool = True,
+        fold_value_biases: bool = True,
+        refactor_factored_attn_matrices: bool = False,
+    ) -> None:
+        """Process the weights in place, as TransformerLens's ``process_weights_``
+        (:mod:`kvlens.processing`): fold each norm into the weights that read it, center the
+        weights writing to the residual stream (LayerNorm models only) and the unembedding,
+        fold the value biases into ``b_O``, optionally refactor the QK and OV circuits.
+
+        The folded norms stay, computing ``w = 1`` (``b = 0``), so hook names and the fused
+        native decode layer are unchanged. Biases the steps need are created and ``cfg``'s
+        bias flags turned on; ``self.weight_processing`` records the steps applied. Caches
+        filled before no longer fit the model (its weights' fingerprint changed).
+        """
+        steps = WeightProcessing(
+            fold_ln=fold_ln,
+            center_writing_weights=center_writing_weights,
+            center_unembed=center_unembed,
+            fold_value_biases=fold_value_biases,
+            refactor_factored_attn_matrices=refactor_factored_attn_matrices,
+        )
+        if steps.any:
+            self.weight_processing = self.weight_processing | process_weights_(self, steps)
 
     # Forward ----------------------------------------------------------------------------------
 

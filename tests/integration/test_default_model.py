@@ -23,6 +23,13 @@ NEW_TOKENS = 32
 
 @pytest.fixture(scope="module")
 def model():
+    """The checkpoint's weights as they are, to compare with Hugging Face's model."""
+    return kvlens.HookedTransformer.from_pretrained_no_processing(progress=False)
+
+
+@pytest.fixture(scope="module")
+def processed():
+    """``from_pretrained``'s default: weights processed as TransformerLens processes them."""
     return kvlens.HookedTransformer.from_pretrained(progress=False)
 
 
@@ -88,6 +95,23 @@ def test_logits_match_hugging_face_on_a_batch_with_left_padding(model, hf_model)
         theirs = hf_model(tokens, attention_mask=mask).logits
     real = mask.bool()
     assert (ours[real] - theirs[real]).abs().max() < 1e-3
+
+
+def test_processing_keeps_log_probs_and_greedy_tokens(model, processed):
+    """RMSNorm and tied embeddings: the norms fold, W_U is centered, nothing else changes."""
+    assert processed.weight_processing.fold_ln and processed.weight_processing.center_unembed
+    assert not model.weight_processing.any
+    assert all(block.decode_plan is not None for block in processed.blocks)
+    tokens, mask = model.to_tokens_and_mask(RAW_PROMPTS, padding_side="left")
+    with torch.no_grad():
+        ours = processed(tokens, attention_mask=mask).log_softmax(-1)
+        theirs = model(tokens, attention_mask=mask).log_softmax(-1)
+    real = mask.bool()
+    assert (ours[real] - theirs[real]).abs().max() < 1e-4
+    for prompt in RAW_PROMPTS:
+        kw = dict(max_new_tokens=NEW_TOKENS, do_sample=False, stop_at_eos=False, verbose=False)
+        tokens = model.to_tokens(prompt)
+        assert processed.generate(tokens, **kw).tolist() == model.generate(tokens, **kw).tolist()
 
 
 def test_cli_generate_on_the_default_model():

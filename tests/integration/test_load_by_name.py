@@ -95,7 +95,7 @@ def assert_same_logits(model: HookedTransformer, hf_model) -> None:
 def test_a_cached_repo_loads_by_repo_id_or_alias(hub_cache, checkpoints, name, repo_id, family):
     hf_model, folder = checkpoints(family)
     cache_repo(hub_cache, repo_id, folder)
-    model = HookedTransformer.from_pretrained(name, progress=False)
+    model = HookedTransformer.from_pretrained_no_processing(name, progress=False)
     assert model.tokenizer is not None
     assert_same_logits(model, hf_model)
 
@@ -125,7 +125,9 @@ def test_a_sharded_checkpoint_loads_and_a_missing_shard_is_named(hub_cache, chec
     shards = sorted(folder.glob("model-*.safetensors"))
     assert len(shards) > 1
     snapshot = cache_repo(hub_cache, "someone/sharded-gpt2", folder)
-    assert_same_logits(HookedTransformer.from_pretrained("someone/sharded-gpt2"), hf_model)
+    assert_same_logits(
+        HookedTransformer.from_pretrained_no_processing("someone/sharded-gpt2"), hf_model
+    )
     (snapshot / shards[1].name).unlink()
     with pytest.raises(FileNotFoundError, match=shards[1].name + ".*HF_HUB_OFFLINE"):
         HookedTransformer.from_pretrained("someone/sharded-gpt2")
@@ -185,7 +187,9 @@ def test_an_existing_folder_wins_over_a_repo_id(hub_cache, checkpoints, tmp_path
     hf_model, folder = checkpoints("llama")
     shutil.copytree(folder, tmp_path / "org" / "model")
     monkeypatch.chdir(tmp_path)
-    assert_same_logits(HookedTransformer.from_pretrained("org/model", progress=False), hf_model)
+    assert_same_logits(
+        HookedTransformer.from_pretrained_no_processing("org/model", progress=False), hf_model
+    )
 
 
 # Online: a fake Hub -------------------------------------------------------------------------
@@ -258,7 +262,7 @@ def test_online_an_uncached_repo_downloads_config_weights_and_tokenizer_only(
     (repo / "pytorch_model.bin").write_bytes(b"never fetched")
     (repo / "README.md").write_text("a model card")
     fake_hub.repos["EleutherAI/pythia-70m"] = repo
-    model = HookedTransformer.from_pretrained("pythia-70m", progress=False)
+    model = HookedTransformer.from_pretrained_no_processing("pythia-70m", progress=False)
     assert_same_logits(model, hf_model)
     assert fake_hub.calls[:2] == [("model_info", "EleutherAI/pythia-70m"), ("file", "config.json")]
     (_, *fetched) = fake_hub.calls[2]

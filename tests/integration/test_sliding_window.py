@@ -198,7 +198,7 @@ def test_from_local_folder_and_from_hf_model(family: str, tmp_path: Any) -> None
     hf_model, _ = window_pair(family)
     hf_model.save_pretrained(tmp_path, safe_serialization=True)
     tiny_tokenizer().save_pretrained(tmp_path)
-    loaded = HookedTransformer.from_pretrained(tmp_path, progress=False)
+    loaded = HookedTransformer.from_pretrained_no_processing(tmp_path, progress=False)
     converted = HookedTransformer.from_hf_model(hf_model)
     assert loaded.cfg.window_size == converted.cfg.window_size is not None
     assert loaded.cfg.attn_types == converted.cfg.attn_types
