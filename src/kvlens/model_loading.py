@@ -68,6 +68,7 @@ class LoadingMixin:
         center_unembed: bool = True,
         fold_value_biases: bool = True,
         refactor_factored_attn_matrices: bool = False,
+        n_devices: int = 1,
     ) -> HookedTransformer:
         """Load a model by name, from the local Hugging Face cache, a download or local files,
         and process its weights as TransformerLens's ``from_pretrained`` does by default.
@@ -81,7 +82,8 @@ class LoadingMixin:
                 the local Hugging Face cache first, else a download of safetensors weights
                 (:mod:`kvlens.loading.hub`).
             dtype: Dtype of the weights and the cache, or its name (``"bf16"``, ``"float32"``).
-            device: Where the weights go (default: torch's default device).
+            device: Where the weights go (default: torch's default device); with
+                ``n_devices``, the first of the devices the blocks are split over.
             progress: Show progress bars while reading and dequantizing.
             default_padding_side: Where ``to_tokens`` pads a batch: TransformerLens's default,
                 ``"right"``, whatever side the checkpoint's tokenizer chose.
@@ -89,10 +91,13 @@ class LoadingMixin:
                 refactor_factored_attn_matrices: The processing steps (keyword-only), with
                 TransformerLens's defaults; see :meth:`process_weights_`. The logits change
                 only by ``center_unembed``'s per-position shift, log-probabilities not at all.
+            n_devices: Split the blocks over this many devices (``cfg.n_devices``; keyword-only).
         """
         from kvlens.loading.pretrained import load_pretrained
 
-        model = load_pretrained(model_name, dtype=dtype, device=device, progress=progress)
+        model = load_pretrained(
+            model_name, dtype=dtype, device=device, progress=progress, n_devices=n_devices
+        )
         model.set_tokenizer(model.tokenizer, default_padding_side)
         model.process_weights_(
             fold_ln=fold_ln,

@@ -113,6 +113,16 @@ def test_dtype_may_be_given_by_name(hub_cache, checkpoints, dtype, expected):
     assert model(tokens_for(0, 1, 4)).dtype == expected
 
 
+def test_n_devices_splits_the_blocks_as_the_config_says(hub_cache, checkpoints):
+    hf_model, folder = checkpoints("gpt2")
+    cache_repo(hub_cache, "gpt2", folder)
+    model = HookedTransformer.from_pretrained_no_processing("gpt2", progress=False, n_devices=2)
+    assert model.cfg.n_devices == 2  # on CPU every group is the CPU
+    assert_same_logits(model, hf_model)
+    with pytest.raises(ValueError, match="n_devices"):
+        load_pretrained("gpt2", n_devices=0)
+
+
 def test_an_unknown_dtype_name_is_refused():
     with pytest.raises(ValueError, match=r"'float8'.*bf16"):
         load_pretrained("gpt2", dtype="float8")

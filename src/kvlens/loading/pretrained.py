@@ -70,6 +70,7 @@ def load_pretrained(
     dtype: torch.dtype | str = torch.float32,
     device: str | None = None,
     progress: bool = True,
+    n_devices: int = 1,
 ) -> HookedTransformer:
     """Build a model from a name, a checkpoint folder or a GGUF file.
 
@@ -79,7 +80,11 @@ def load_pretrained(
     TransformerLens alias (``"gpt2-small"``, ``"pythia-70m"``), taken from the local Hugging Face
     cache first and downloaded otherwise (never with ``HF_HUB_OFFLINE=1``); safetensors weights
     only. ``dtype`` is a ``torch.dtype`` or its name (``"float16"``, ``"fp16"``, ``"bf16"``...).
+    ``n_devices`` splits the blocks over that many devices from ``device`` on
+    (``cfg.n_devices``, see :func:`kvlens.devices.get_device_for_block_index`).
     """
+    if isinstance(n_devices, bool) or not isinstance(n_devices, int) or n_devices < 1:
+        raise ValueError(f"n_devices must be an int >= 1, got {n_devices!r}")
     dtype = parse_dtype(dtype)
     path = resolve_model_path(name_or_path, progress=progress)
     if path.is_file():
@@ -87,12 +92,12 @@ def load_pretrained(
             raise ValueError(
                 f"{path} is a file but not a .gguf file; give a .gguf file or a folder"
             )
-        return _from_gguf(path, dtype, device, progress)
+        return _from_gguf(path, dtype, device, progress, n_devices)
     if (path / "config.json").is_file():
-        return _from_hf_folder(path, dtype, device, progress)
+        return _from_hf_folder(path, dtype, device, progress, n_devices)
     ggufs = sorted(path.glob("*.gguf"))
     if len(ggufs) == 1:
-        return _from_gguf(ggufs[0], dtype, device, progress)
+        return _from_gguf(ggufs[0], dtype, device, progress, n_devices)
     raise ValueError(
         f"{path} holds neither a config.json (Hugging Face checkpoint) nor exactly one .gguf file "
         f"(found {len(ggufs)})"
@@ -125,18 +130,20 @@ def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
 
 
 def _from_gguf(
-    path: Path, dtype: torch.dtype, device: str | None, progress: bool
+    path: Path, dtype: torch.dtype, device: str | None, progress: bool, n_devices: int = 1
 ) -> HookedTransformer:
     from kvlens.loading.gguf import read_gguf
 
     gguf = read_gguf(path, dtype=dtype, progress=progress)
     add_bos = bool(gguf.metadata.get("tokenizer.ggml.add_bos_token", False))
     name = str(gguf.metadata.get("general.name") or path.stem)
-    return _build(gguf.hf_config, gguf.state_dict, gguf.tokenizer, dtype, device, name, add_bos)
+    return _build(
+        gguf.hf_config, gguf.state_dict, gguf.tokenizer, dtype, device, name, add_bos, n_devices
+    )
 
 
 def _from_hf_folder(
-    folder: Path, dtype: torch.dtype, device: str | None, progress: bool
+    folder: Path, dtype: torch.dtype, device: str | None, progress: bool, n_devices: int = 1
 ) -> HookedTransformer:
     from transformers import AutoConfig
 
@@ -144,7 +151,7 @@ def _from_hf_folder(
     state_dict = load_safetensors_folder(folder, progress)
     tokenizer = _folder_tokenizer(folder)
     add_bos = _adds_bos(tokenizer)
-    return _build(hf_config, state_dict, tokenizer, dtype, device, folder.name, add_bos)
+    return _build(hf_config, state_dict, tokenizer, dtype, device, folder.name, add_bos, n_devices)
 
 
 def load_safetensors_folder(folder: Path, progress: bool = True) -> dict[str, torch.Tensor]:
@@ -201,12 +208,16 @@ def _build(
     device: str | None,
     name: str,
     default_prepend_bos: bool,
+    n_devices: int = 1,
 ) -> HookedTransformer:
     from kvlens.loading.hf import config_from_hf, convert_hf_state_dict
     from kvlens.model import HookedTransformer
 
     cfg = config_from_hf(hf_config, dtype=dtype).replace(
-        device=device, model_name=name, default_prepend_bos=default_prepend_bos
+        device=device,
+        model_name=name,
+        default_prepend_bos=default_prepend_bos,
+        n_devices=n_devices,
     )
     state = convert_hf_state_dict(cfg, hf_state_dict)
     model = HookedTransformer(cfg, tokenizer=tokenizer, init_weights=False)
