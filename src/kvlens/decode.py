@@ -124,6 +124,24 @@ def generate_tokens(
     ``options.eos_token_ids`` is not empty) yields ``options.pad_token_id`` from then on;
     generation ends when every row has, or after ``options.max_new_tokens``.
     """
+    outer = model.generation_step
+    try:
+        yield from _generate_tokens(
+            model, tokens, attention_mask, options, past_kv_cache, generator
+        )
+    finally:
+        model.set_generation_step(outer)
+
+
+def _generate_tokens(
+    model: HookedTransformer,
+    tokens: Int[Tensor, "batch pos"],
+    attention_mask: Int[Tensor, "batch pos"] | None,
+    options: GenerationConfig,
+    past_kv_cache: KeyValueCache | None = None,
+    generator: torch.Generator | None = None,
+) -> Iterator[Int[Tensor, " batch"]]:
+    """:func:`generate_tokens`' loop, setting the model's generation step as it goes."""
     # Read once: the loop below does no per-step attribute lookups or checks on ``options``.
     max_new_tokens, sampling = options.max_new_tokens, options.sampling
     pad_token_id, use_past_kv_cache = options.pad_token_id, options.use_past_kv_cache
@@ -141,6 +159,7 @@ def generate_tokens(
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     real = torch.ones((batch, 1), dtype=torch.int32, device=device)  # every new token's mask
     cache: KeyValueCache | SharedPrefixCache
+    model.set_generation_step(0)  # hooks read it as hook.pass_info.step
     if use_past_kv_cache and is_shareable_prefix(past_kv_cache):
         # Every row continues the frozen prefix, which stays as it is; the rows' own tokens go
         # into a suffix cache after it.
@@ -169,6 +188,7 @@ def generate_tokens(
         yield token
         if step == max_new_tokens - 1 or (eos.numel() and bool(finished.all())):
             return
+        model.set_generation_step(step + 1)
         if use_past_kv_cache:
             logits = decode_step(model, token, cache, real)
         else:

@@ -9,6 +9,7 @@ the decode hot path.
 from __future__ import annotations
 
 import functools
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, ParamSpec, Protocol, TypeVar
@@ -17,6 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules import module as torch_module
 
+from kvlens.pass_info import PassInfo
 from kvlens.structure import WatchedModule
 
 Direction = Literal["fwd", "bwd"]
@@ -117,6 +119,7 @@ class HookPoint(WatchedModule):
         self.bwd_hooks: list[HookEntry] = []
         self.ctx: dict[Any, Any] = {}
         self._observed = False  # a kvlens hook is attached, or a torch hook may be
+        self._root: weakref.ref[Any] | None = None  # the model, for pass_info (bind_root)
 
     register_forward_pre_hook = _marks_observed(nn.Module.register_forward_pre_hook)
     register_forward_hook = _marks_observed(nn.Module.register_forward_hook)
@@ -143,6 +146,22 @@ class HookPoint(WatchedModule):
         if self._observed and not (self.fwd_hooks or self.bwd_hooks or self._torch_hooks()):
             self._observed = False  # the torch hooks that marked it are gone
         return self._observed or global_hooks()
+
+    def bind_root(self, root: Any) -> None:
+        """Remember the model this point belongs to (weakly), for :attr:`pass_info`."""
+        self._root = weakref.ref(root)
+
+    @property
+    def pass_info(self) -> PassInfo | None:
+        """The running forward pass's positions and generation step, for a hook to read.
+
+        For example ``hook.pass_info.positions`` (``[batch, pos]``) says which positions the
+        activation covers, also in a decode step, and ``hook.pass_info.step`` which step of
+        ``generate`` runs (:class:`~kvlens.pass_info.PassInfo`). ``None`` outside a forward pass
+        of the model the point belongs to.
+        """
+        root = self._root() if self._root is not None else None
+        return None if root is None else root.pass_info
 
     @property
     def attached(self) -> bool:

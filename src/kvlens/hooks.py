@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from kvlens.act_names import PosSlice, get_act_name, position_index, slice_positions
 from kvlens.activation_cache import ActivationCache
 from kvlens.hook_point import Direction, HookEntry, HookFn, HookPoint
+from kvlens.pass_info import PassInfo
 
 __all__ = [
     "ActivationCache",
@@ -86,7 +87,32 @@ class HookedRootModule(nn.Module):
         for name, module in self.named_modules():
             if isinstance(module, HookPoint):
                 module.name = name
+                module.bind_root(self)
                 self.hook_dict[name] = module
+
+    @property
+    def pass_info(self) -> PassInfo | None:
+        """The running forward pass's positions and generation step (``None`` between passes).
+
+        Hooks read it as ``hook.pass_info`` (see :class:`~kvlens.pass_info.PassInfo`).
+        """
+        return getattr(self, "_pass_info", None)
+
+    def set_pass_info(self, info: PassInfo | None) -> PassInfo | None:
+        """Record the running pass's :class:`PassInfo` (the model's forward does); returns the
+        one it replaces, to be put back when the pass ends."""
+        before = self.pass_info
+        self._pass_info = info
+        return before
+
+    @property
+    def generation_step(self) -> int | None:
+        """The step ``generate`` is at (it sets it; ``None`` outside ``generate``)."""
+        return getattr(self, "_generation_step", None)
+
+    def set_generation_step(self, step: int | None) -> None:
+        """Set by ``generate``: 0 for the prompt's pass, ``k`` for the ``k``-th token fed back."""
+        self._generation_step = step
 
     def hook_points(self) -> list[HookPoint]:
         """Every hook point, in module order."""

@@ -23,6 +23,7 @@ from kvlens.hook_options import HookOptionsMixin
 from kvlens.hooks import HookedRootModule, HookPoint
 from kvlens.loss import lm_cross_entropy_loss
 from kvlens.model_loading import LoadingMixin
+from kvlens.pass_info import PassInfo
 from kvlens.prepare import (
     Prepared,
     check_cache,
@@ -261,6 +262,7 @@ class HookedTransformer(
         # cache goes back to this state, so a retry equals a clean run.
         owner = past_kv_cache.suffix if isinstance(past_kv_cache, SharedPrefixCache) else None
         owner = past_kv_cache if isinstance(past_kv_cache, KeyValueCache) else owner
+        outer = self.pass_info
         state = owner.checkpoint() if owner is not None else None
         try:
             prep = prepare_pass(
@@ -272,6 +274,14 @@ class HookedTransformer(
                 past_kv_cache,
                 first_layer,
             )
+            ctx = prep.ctx
+            info = PassInfo(
+                prep.positions.expand(batch, -1),
+                ctx.prefix_len + ctx.own_len - n_new,
+                n_new,
+                self.generation_step,
+            )
+            self.set_pass_info(info)
             if start_at_layer is None:
                 assert tokens is not None
                 if self.cfg.use_hook_tokens:
@@ -289,6 +299,8 @@ class HookedTransformer(
             if owner is not None and state is not None:
                 owner.restore(state)
             raise
+        finally:
+            self.set_pass_info(outer)  # a pass run from a hook leaves its caller's in place
         return residual if stop_at_layer is not None else out
 
     def _run_blocks(
