@@ -12,6 +12,7 @@ from torch import Tensor
 
 from kvlens.cache.entry import EntryCheckpoint, KeyValueCacheEntry
 from kvlens.cache.mask import MASK_DTYPE, MaskStorage, check_mask
+from kvlens.cache.patch import Selection, plan_patch
 from kvlens.config import ModelConfig
 from kvlens.devices import get_device_for_block_index
 
@@ -387,6 +388,37 @@ class KeyValueCache:
         self._mask.crop(new_length)
         if self.tokens is not None:
             self.tokens = self.tokens[:, :new_length]
+        return self
+
+    def patch_from(
+        self,
+        source: KeyValueCache,
+        layers: Selection = None,
+        heads: Selection = None,
+        positions: Selection = None,
+        keys: bool = True,
+        values: bool = True,
+    ) -> KeyValueCache:
+        """Copy ``source``'s keys and/or values into this cache at the chosen layers, key/value
+        heads and positions (key/value patching); returns the cache.
+
+        ``source`` is a cache of the same model (another model's is refused by its weights'
+        fingerprint) over the same number of positions or more, with this cache's batch size
+        or 1 (copied into every row). ``None`` selects all layers, all key/value heads, all
+        positions this cache holds. The attention mask and token record are left as they are.
+        Every part of the selection is checked before anything is written: an out-of-range
+        layer, head or position raises ``IndexError``, another model's cache or a mismatched
+        layout ``ValueError``, and the cache is unchanged.
+
+        Example: ``clean.patch_from(corrupted, layers=[3], heads=[1], positions=[4, 5])`` then
+        ``model(next_token, past_kv_cache=clean)`` runs the clean prompt with head 1 of layer 3
+        seeing the corrupted prompt's keys and values at positions 4 and 5.
+        """
+        if not (keys or values):
+            raise ValueError("patch_from needs keys=True or values=True (or both)")
+        plan = plan_patch(self, source, layers, heads, positions)
+        for i in plan.layers:
+            self.entries[i].patch(source[i], plan.heads, plan.positions, keys, values)
         return self
 
     def reset(self) -> KeyValueCache:

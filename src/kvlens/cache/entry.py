@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import NamedTuple, Protocol
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from kvlens.config import ModelConfig
@@ -499,6 +499,36 @@ class KeyValueCacheEntry:
             _new_storage(values.transpose(1, 2), *dims, length),
         )
         self._batch = indices.numel()
+
+    def patch(
+        self,
+        source: KeyValueCacheEntry,
+        heads: Int[Tensor, " heads"],
+        positions: Int[Tensor, " positions"],
+        keys: bool = True,
+        values: bool = True,
+    ) -> None:
+        """Copy ``source``'s keys and/or values at key/value heads ``heads`` and cache positions
+        ``positions`` into this entry, in place.
+
+        The caller (:meth:`KeyValueCache.patch_from`) has checked the selection against both
+        entries; ``source``'s batch is this entry's or 1 (then every row gets it).
+        """
+        if self.tracks_graph:
+            raise ValueError(
+                "this cache entry keeps an autograd graph of its keys and values; patching the "
+                "storage would leave the graph stale (patch a cache filled under torch.no_grad())"
+            )
+        heads = heads.to(self._device)[:, None]
+        here = (positions.to(self._device) - self._start)[None, :]
+        there = (positions.to(source.device) - source.start)[None, :]
+        src_heads = heads.to(source.device)
+        for wanted, mine, theirs in (
+            (keys, self._keys, source._keys),
+            (values, self._values, source._values),
+        ):
+            if wanted:
+                mine[:, heads, here] = theirs[:, src_heads, there].to(self._device)
 
     def checkpoint(self) -> EntryCheckpoint:
         """What :meth:`restore` needs to undo later appends: the length and the graph kept.
