@@ -276,7 +276,8 @@ class HookedTransformer(
             )
             ctx = prep.ctx
             info = PassInfo(
-                prep.positions.expand(batch, -1),
+                prep.positions,
+                batch,
                 ctx.prefix_len + ctx.own_len - n_new,
                 n_new,
                 self.generation_step,

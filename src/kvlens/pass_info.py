@@ -22,8 +22,11 @@ class PassInfo:
     """The running pass's tokens.
 
     Attributes:
-        positions: ``[batch, pos]``: each new token's position in its row (a padded row's real
-            tokens count from 0; over a shared prefix, after the prefix's real tokens).
+        row_positions: The new tokens' positions, ``[1, pos]`` when every row has the same
+            (no padding), else ``[batch, pos]``; :attr:`positions` is always ``[batch, pos]``:
+            each new token's position in its row (a padded row's real tokens count from 0; over
+            a shared prefix, after the prefix's real tokens).
+        batch: The rows of the pass.
         cache_start: The cache index of the first new token (the tokens already in the cache,
             a shared prefix's included; padding slots count). 0 without a cache.
         n_new: The new tokens of each row.
@@ -32,13 +35,19 @@ class PassInfo:
             whole sequence); ``None`` outside ``generate``.
     """
 
-    positions: Int[Tensor, "batch pos"]
+    row_positions: Int[Tensor, "batch_or_1 pos"]
+    batch: int
     cache_start: int
     n_new: int
     step: int | None = None
 
     @property
+    def positions(self) -> Int[Tensor, "batch pos"]:
+        """Each row's new tokens' positions (expanded when read, not on every pass)."""
+        return self.row_positions.expand(self.batch, -1)
+
+    @property
     def cache_indices(self) -> Int[Tensor, " pos"]:
         """The new tokens' cache indices, ``cache_start .. cache_start + n_new``."""
-        device = self.positions.device
+        device = self.row_positions.device
         return torch.arange(self.cache_start, self.cache_start + self.n_new, device=device)
