@@ -127,3 +127,13 @@ def slice_positions(tensor: Tensor, name: str, index: slice | Tensor, ndim: int)
     if ndim < -dim:
         return tensor
     return tensor[(slice(None),) * (tensor.ndim + dim) + (index,)]
+
+
+# Hook points whose activation is ``[batch, head_index, query_pos, key_pos]``; every other one
+# has its position axis at 1 (``[batch, pos, ...]``).
+ATTENTION_MAP_HOOKS = ("hook_attn_scores", "hook_pattern")
+
+
+def is_attention_map(name: str) -> bool:
+    """Whether hook point ``name`` holds ``[batch, head_index, query_pos, key_pos]``."""
+    return name.endswith(ATTENTION_MAP_HOOKS)

@@ -8,6 +8,7 @@ The loop's functions are re-exported here (``from kvlens.generate import run_pro
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
@@ -17,24 +18,37 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from kvlens.cache import KeyValueCache
-from kvlens.decode import decode_step, generate_tokens, last_position_logits, left_align, run_prompt
+from kvlens.decode import (
+    Step,
+    alignment_order,
+    decode_step,
+    generate_tokens,
+    generation_steps,
+    last_position_logits,
+    left_align,
+    run_prompt,
+)
 from kvlens.generation_config import GenerationConfig
+from kvlens.generation_output import GenerateOutput, GenerateReturnType, generation_result
+from kvlens.generation_record import GenerationRecorder
+from kvlens.hooks import NameFilter
 from kvlens.sampling import SamplingConfig
 from kvlens.strategies import strategy_new_tokens
 from kvlens.tokens import PaddingSide, pad_token_id
 
 __all__ = [
+    "GenerateOutput",
     "GenerateReturnType",
     "GenerationConfig",
     "GenerationMixin",
+    "Step",
     "decode_step",
     "generate_tokens",
+    "generation_steps",
     "last_position_logits",
     "left_align",
     "run_prompt",
 ]
-
-GenerateReturnType = Literal["input", "str", "tokens"]  # what generate returns
 
 
 class GenerationMixin:
@@ -52,7 +66,8 @@ class GenerationMixin:
         max_new_tokens: int,
         past_kv_cache: KeyValueCache | None,
     ) -> tuple[Tensor, Tensor]:
-        """The prompt's tokens and mask, checked against the context length.
+        """The prompt's tokens (or token embeddings) and mask, checked against the context
+        length.
 
         ``max_new_tokens`` comes from a :class:`GenerationConfig`, which has checked it.
         """
@@ -67,6 +82,16 @@ class GenerationMixin:
             )
             if attention_mask is not None:
                 raise ValueError("attention_mask is only accepted with token input")
+        elif isinstance(input, Tensor) and input.is_floating_point():
+            tokens = input  # token embeddings
+            if input.ndim != 3 or input.shape[2] != self.cfg.d_model:
+                raise ValueError(
+                    f"input embeddings must be [batch, pos, d_model={self.cfg.d_model}], got "
+                    f"{tuple(input.shape)}"
+                )
+            mask = attention_mask
+            if mask is None:
+                mask = torch.ones(input.shape[:2], dtype=torch.long, device=input.device)
         elif isinstance(input, Tensor):
             tokens = input[None] if input.ndim == 1 else input
             if tokens.ndim != 2 or tokens.dtype not in (torch.int32, torch.int64):
@@ -126,8 +151,8 @@ class GenerationMixin:
         past_kv_cache: KeyValueCache | None,
         seed: int | None,
         generator: torch.Generator | None,
-    ) -> Iterator[Int[Tensor, " batch"]]:
-        """The decode loop's tokens; if a step raises, ``past_kv_cache`` goes back to its state at
+    ) -> Iterator[Step]:
+        """The decode loop's steps; if a step raises, ``past_kv_cache`` goes back to its state at
         the first step (closing the stream early keeps what was fed)."""
         if generator is None and seed is not None:
             generator = torch.Generator(device=tokens.device).manual_seed(seed)
@@ -135,7 +160,7 @@ class GenerationMixin:
         # No inference_mode around the loop: a generator would leak it to the caller between
         # yields. The model calls inside run under no_grad.
         try:
-            yield from generate_tokens(
+            yield from generation_steps(
                 self,  # type: ignore[arg-type]
                 tokens,
                 mask,
@@ -185,7 +210,8 @@ class GenerationMixin:
         tokens, mask = self._generation_inputs(
             input, attention_mask, prepend_bos, padding_side, max_new_tokens, past_kv_cache
         )
-        yield from self._stream(tokens, mask, options, past_kv_cache, seed, generator)
+        for step in self._stream(tokens, mask, options, past_kv_cache, seed, generator):
+            yield step.token
 
     def generate(
         self,
@@ -213,6 +239,10 @@ class GenerationMixin:
         draft_model: Any = None,
         num_speculative_tokens: int = 4,
         speculative_stats: Any = None,
+        output_logits: bool = False,
+        return_cache: bool = False,
+        names_filter: NameFilter = None,
+        cache_device: torch.device | str | None = None,
     ) -> Any:
         """Continue the input, reusing past keys and values (TransformerLens's ``generate``).
 
@@ -220,25 +250,31 @@ class GenerationMixin:
         on: the next token is read at each row's last real token.
 
         Args:
-            input: A prompt, a list of prompts (padded into one batch on ``padding_side``), or
-                tokens ``[batch, pos]``.
+            input: A prompt, a list of prompts (padded into one batch on ``padding_side``),
+                tokens ``[batch, pos]``, or token embeddings ``[batch, pos, d_model]`` (float)
+                in place of ``embed(tokens)`` (they pass ``hook_embed`` and get positions as
+                embedded tokens would).
             max_new_tokens: Tokens to add at most.
             stop_at_eos: Stop a row at its first EOS; later positions hold the pad token.
             eos_token_id: The EOS id (or ids); default the tokenizer's.
             do_sample: Sample; ``False`` is greedy.
-            top_k, top_p, temperature, freq_penalty: See :class:`kvlens.sampling.SamplingConfig`.
+            top_k, top_p, temperature, freq_penalty: See :class:`kvlens.sampling.SamplingConfig`
+                (with embeddings as input, the frequency penalty counts the new tokens only).
             use_past_kv_cache: Reuse keys and values; ``False`` reruns the whole sequence each step
                 (slow; for checking).
             prepend_bos: Prepend BOS to text input; default ``cfg.default_prepend_bos``. For
                 token input without a mask: whether a leading pad that is BOS is real.
             padding_side: Padding of a batch of prompts, default left; for token input without
                 a mask, the end its rows are padded at, default the tokenizer's.
-            return_type: ``"str"``, ``"tokens"``, or ``"input"`` (the input's kind).
+            return_type: ``"str"``, ``"tokens"``, ``"embeds"`` (the token embeddings of the
+                input and the new tokens, ``[batch, pos + new, d_model]``), or ``"input"`` (the
+                input's kind). For embeddings as input, ``"tokens"`` and ``"str"`` hold only
+                the new tokens (as TransformerLens).
             verbose: Show a progress bar.
-            attention_mask: The mask of token input (1 = real token). Default: the pad tokens
-                at the padded end of each row are padding, as a forward pass with a cache
-                guesses (see :meth:`HookedTransformer.forward`); every token is real when the
-                model has no tokenizer.
+            attention_mask: The mask of token or embedding input (1 = real token). Default: the
+                pad tokens at the padded end of each row are padding, as a forward pass with a
+                cache guesses (see :meth:`HookedTransformer.forward`); every token is real when
+                the model has no tokenizer, or for embeddings.
             past_kv_cache: Continue after what this cache holds (it is extended).
             seed: Seed of a private random generator, for reproducible sampling.
             generator: A random generator to sample with (instead of ``seed``).
@@ -250,13 +286,35 @@ class GenerationMixin:
             num_speculative_tokens: Tokens the draft proposes per round.
             speculative_stats: A :class:`kvlens.speculative.SpeculativeStats` to fill in
                 (acceptance rate and so on).
+            output_logits: Return a :class:`GenerateOutput`: the tokens and each step's logits
+                (as TransformerLens's ``output_logits``; ``return_type`` is then not read).
+            return_cache: Also return an :class:`~kvlens.activation_cache.ActivationCache` of
+                the prompt's and the new tokens' activations, collected by the generation's
+                own passes (see :mod:`kvlens.generation_record`): equal to ``run_with_cache``
+                on the returned tokens with the mask ``attention_mask`` followed by ones (the
+                tokens after a row's EOS count as real, as generation fed them). After a
+                ``past_kv_cache``, positions start at its length (the attention maps' key axis
+                still starts at 0). The last new token is run through the model too, one pass
+                more than without the cache.
+            names_filter: The hook points ``return_cache`` records (a name, a list, a predicate;
+                default all). Recording only ``hook_resid_pre``/``hook_resid_post`` keeps the
+                fused native decode layer; a hook point inside a block runs that block op by op.
+            cache_device: Where ``return_cache`` keeps the activations (default: where computed).
 
         Returns:
             The input followed by the new tokens: tokens ``[batch, pos + new]`` (the prompt as
-            given, padding included), or strings (one string for one prompt), without padding.
+            given, padding included), strings (one string for one prompt) without padding, or
+            embeddings. With ``output_logits``, a :class:`GenerateOutput`; with
+            ``return_cache``, a pair ``(that, cache)``.
         """
-        if return_type not in ("input", "str", "tokens"):
-            raise ValueError(f"return_type must be 'input', 'str' or 'tokens', got {return_type!r}")
+        if return_type not in ("input", "str", "tokens", "embeds"):
+            raise ValueError(
+                f"return_type must be 'input', 'str', 'tokens' or 'embeds', got {return_type!r}"
+            )
+        if not return_cache and (names_filter is not None or cache_device is not None):
+            raise ValueError(
+                "names_filter and cache_device are return_cache's: pass return_cache=True"
+            )
         options = self._generation_options(
             stop_at_eos,
             eos_token_id,
@@ -269,58 +327,67 @@ class GenerationMixin:
             draft_model=draft_model,
             num_speculative_tokens=num_speculative_tokens,
             stats=speculative_stats,
+            feed_last_token=return_cache,
         )
-        tokens, mask = self._generation_inputs(
+        if output_logits and options.strategy is not None:
+            raise ValueError(f"output_logits is not available with {options.strategy}")
+        prompt, mask = self._generation_inputs(
             input, attention_mask, prepend_bos, padding_side, max_new_tokens, past_kv_cache
         )
+        if options.strategy is not None and prompt.is_floating_point():
+            raise ValueError(f"{options.strategy} takes tokens, not embeddings")
+        recorder = None
+        if return_cache:  # before any work: an unknown name in names_filter raises here
+            recorder = GenerationRecorder(self, names_filter, cache_device)  # type: ignore[arg-type]
+        hooks = self.hooks  # type: ignore[attr-defined]
+        hooked = hooks(recorder.fwd_hooks) if recorder else contextlib.nullcontext()
         # All or nothing: a call that raises (an interrupt, a hook) leaves past_kv_cache as it
         # was at the call, so that a retry equals a clean run.
         state = past_kv_cache.checkpoint() if isinstance(past_kv_cache, KeyValueCache) else None
         try:
-            if options.strategy is not None:
-                new = strategy_new_tokens(
-                    self,  # type: ignore[arg-type]
-                    tokens,
-                    mask,
-                    options,
-                    past_kv_cache,
+            with hooked:
+                new, logits = self._new_tokens(
+                    prompt, mask, options, past_kv_cache, seed, generator, verbose
                 )
-            else:
-                stream = self._stream(tokens, mask, options, past_kv_cache, seed, generator)
-                progress = tqdm(stream, total=max_new_tokens, disable=not verbose, desc="generate")
-                steps = list(progress)
-                new = torch.stack(steps, dim=1) if steps else tokens[:, :0]
         except BaseException:
             if past_kv_cache is not None and state is not None:
                 past_kv_cache.restore(state)
             raise
-        out = torch.cat([tokens, new], dim=1)
-        if return_type == "input":
-            return_type = "str" if isinstance(input, (str, list, tuple)) else "tokens"
-        if return_type == "tokens":
-            return out
-        texts = self._decode_rows(tokens, mask, new)
-        return texts[0] if isinstance(input, str) else texts
-
-    def _decode_rows(self, tokens: Tensor, mask: Tensor, new: Tensor) -> list[str]:
-        """Each row's prompt (padding dropped) and new tokens (up to its EOS) as text.
-
-        Special tokens (BOS, EOS, chat markers) are left out of the text, as TransformerLens's
-        ``generate`` decodes; ``return_type="tokens"`` keeps every id.
-        """
-        tokenizer = self.tokenizer
-        if tokenizer is None:
-            raise ValueError("return_type='str' needs a tokenizer")
-        eos = self._eos_ids(None, getattr(tokenizer, "eos_token_id", None) is not None)
-        texts = []
-        rows = zip(tokens.tolist(), mask.tolist(), new.tolist(), strict=True)
-        for row, row_mask, row_new in rows:
-            ids = [t for t, m in zip(row, row_mask, strict=True) if m]
-            for t in row_new:
-                ids.append(t)
-                if t in eos:
-                    break
-            texts.append(
-                tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        if output_logits:
+            result: Any = GenerateOutput(
+                new if prompt.is_floating_point() else torch.cat([prompt, new], 1), logits
             )
-        return texts
+        else:
+            result = generation_result(self, input, prompt, mask, new, return_type)  # type: ignore[arg-type]
+        if recorder is None:
+            return result
+        order = alignment_order(mask)
+        identity = torch.arange(mask.shape[1], device=order.device).expand_as(order)
+        return result, recorder.cache(None if torch.equal(order, identity) else order)
+
+    def _new_tokens(
+        self,
+        prompt: Tensor,
+        mask: Tensor,
+        options: GenerationConfig,
+        past_kv_cache: KeyValueCache | None,
+        seed: int | None,
+        generator: torch.Generator | None,
+        verbose: bool,
+    ) -> tuple[Int[Tensor, "batch new"], tuple[Tensor, ...]]:
+        """The new tokens of every row, and each step's logits (none from a strategy)."""
+        if options.strategy is not None:
+            new = strategy_new_tokens(
+                self,  # type: ignore[arg-type]
+                prompt,
+                mask,
+                options,
+                past_kv_cache,
+            )
+            return new, ()
+        stream = self._stream(prompt, mask, options, past_kv_cache, seed, generator)
+        total = options.max_new_tokens
+        steps = list(tqdm(stream, total=total, disable=not verbose, desc="generate"))
+        if not steps:
+            return torch.zeros((prompt.shape[0], 0), dtype=torch.long, device=prompt.device), ()
+        return torch.stack([s.token for s in steps], dim=1), tuple(s.logits for s in steps)

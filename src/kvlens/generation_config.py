@@ -35,6 +35,8 @@ class GenerationConfig:
         draft_model: Speculative decoding with this draft model (see :mod:`kvlens.speculative`).
         num_speculative_tokens: Tokens the draft proposes per round.
         stats: A :class:`kvlens.speculative.SpeculativeStats` that speculative decoding fills in.
+        feed_last_token: Run the last new token through the model too (its logits unused), so
+            that hooks see every position of the result (``generate(return_cache=True)``).
     """
 
     max_new_tokens: int = 10
@@ -48,12 +50,15 @@ class GenerationConfig:
     draft_model: HookedTransformer | None = field(default=None, compare=False)
     num_speculative_tokens: int = 4
     stats: SpeculativeStats | None = field(default=None, compare=False)
+    feed_last_token: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an int >= 0, got {self.max_new_tokens!r}")
         if self.num_beams > 1 and self.draft_model is not None:
             raise ValueError("give num_beams > 1 or draft_model, not both")
+        if self.strategy is not None and self.feed_last_token:
+            raise ValueError(f"{self.strategy} cannot return a cache of activations")
         if self.strategy is not None and self.sampling.do_sample:
             raise ValueError(f"{self.strategy} is greedy here: pass do_sample=False")
 

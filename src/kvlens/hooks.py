@@ -118,8 +118,9 @@ class HookedRootModule(nn.Module):
         """Every hook point, in module order."""
         return list(self.hook_dict.values())
 
-    def _resolve(self, name_or_filter: NameFilter) -> list[HookPoint]:
-        """The hook points a name, a list of names or a predicate selects (each once)."""
+    def select_hook_points(self, name_or_filter: NameFilter) -> list[HookPoint]:
+        """The hook points a name, a list of names or a predicate selects (each once; ``None``:
+        all). An unknown name raises ``ValueError`` with the closest names."""
         if name_or_filter is None:
             return self.hook_points()
         if isinstance(name_or_filter, str):
@@ -131,7 +132,7 @@ class HookedRootModule(nn.Module):
         if callable(name_or_filter):
             return [hp for name, hp in self.hook_dict.items() if name_or_filter(name)]
         if isinstance(name_or_filter, Sequence):
-            points = {id(hp): hp for n in name_or_filter for hp in self._resolve(n)}
+            points = {id(hp): hp for n in name_or_filter for hp in self.select_hook_points(n)}
             return list(points.values())
         raise TypeError(
             "a hook name must be a str, a list of str or a callable filter, "
@@ -157,7 +158,7 @@ class HookedRootModule(nn.Module):
             level: The context level it belongs to.
             prepend: Run before the hooks already attached.
         """
-        for point in self._resolve(name):
+        for point in self.select_hook_points(name):
             point.add_hook(hook, dir=dir, is_permanent=is_permanent, level=level, prepend=prepend)
 
     def add_perma_hook(
@@ -308,7 +309,7 @@ class HookedRootModule(nn.Module):
                 act = slice_positions(act, hook.name, index, tensor.ndim)
             store[hook.name + suffix] = act
 
-        points = self._resolve(names_filter)
+        points = self.select_hook_points(names_filter)
         fwd = [(p.name, save) for p in points]
         save_grad = functools.partial(save, suffix="_grad")
         bwd = [(p.name, save_grad) for p in points] if incl_bwd else []

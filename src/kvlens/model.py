@@ -205,8 +205,11 @@ class HookedTransformer(
 
         Args:
             input: Token ids ``[batch, pos]`` (or ``[pos]``), a string or a list of strings
-                (tokenized, padded on ``padding_side`` and masked); with ``start_at_layer``, the
-                residual stream ``[batch, pos, d_model]`` entering that block.
+                (tokenized, padded on ``padding_side`` and masked), or token embeddings
+                ``[batch, pos, d_model]`` (float) in place of ``embed(tokens)``: they pass
+                ``hook_embed`` and get positions as embedded tokens would (every one real unless
+                ``attention_mask`` says otherwise). With ``start_at_layer``: the residual stream
+                ``[batch, pos, d_model]`` entering that block.
             return_type: ``"logits"``, ``"loss"`` (mean next-token cross-entropy), ``"both"``
                 (an :class:`Output`) or ``None``.
             loss_per_token: Return the loss of every prediction, ``[batch, pos - 1]``.
@@ -242,7 +245,17 @@ class HookedTransformer(
             input, text_mask = self.to_tokens_and_mask(input, prepend_bos, padding_side)
             if attention_mask is None and bool((text_mask == 0).any()):
                 attention_mask = text_mask
-        if start_at_layer is None:
+        embeds = None
+        if (
+            start_at_layer is None
+            and isinstance(input, Tensor)
+            and input.is_floating_point()
+            and input.ndim == 3
+        ):
+            embeds = check_residual(input, self.cfg.d_model, "token embeddings input")
+            embeds = embeds.to(self.embed.W_E.device)
+            batch, n_new = embeds.shape[0], embeds.shape[1]
+        elif start_at_layer is None:
             # The single place `input` becomes token ids.
             tokens = tokens_from_input(input, self.embed.W_E.device)
             batch, n_new = tokens.shape
@@ -267,7 +280,7 @@ class HookedTransformer(
         try:
             prep = prepare_pass(
                 self,
-                tokens if start_at_layer is None else None,
+                tokens if start_at_layer is None and embeds is None else None,
                 batch,
                 n_new,
                 attention_mask,
@@ -283,18 +296,21 @@ class HookedTransformer(
                 self.generation_step,
             )
             self.set_pass_info(info)
-            if start_at_layer is None:
+            if embeds is not None:
+                residual = self._embed(embeds, prep)
+            elif start_at_layer is None:
                 assert tokens is not None
                 if self.cfg.use_hook_tokens:
                     tokens = self.hook_tokens(tokens)
-                residual = self._embed(tokens, prep)
+                residual = self._embed(self.embed(tokens), prep)
             residual = self._run_blocks(residual, prep, layers, past_kv_cache)
             if stop_at_layer is None:
                 out = self._output(residual, return_type, tokens, prep.loss_mask, loss_per_token)
             if owner is not None:
                 owner.commit_attention_mask()
                 if first_layer == 0:
-                    owner.record_tokens(tokens if start_at_layer is None else None)
+                    fed_tokens = start_at_layer is None and embeds is None
+                    owner.record_tokens(tokens if fed_tokens else None)
                 owner.weights_fingerprint = self.weights_fingerprint()
         except BaseException:
             if owner is not None and state is not None:
@@ -388,10 +404,11 @@ class HookedTransformer(
             tokens = tokens.to(logits.device)
         return lm_cross_entropy_loss(logits, tokens, attention_mask, per_token)
 
-    def _embed(self, tokens: Int[Tensor, "batch pos"], prep: Prepared) -> Tensor:
-        residual = self.hook_embed(self.embed(tokens))
+    def _embed(self, embeds: Float[Tensor, "batch pos d_model"], prep: Prepared) -> Tensor:
+        """The residual stream entering block 0 from the token embeddings."""
+        residual = self.hook_embed(embeds)
         if self.cfg.positional_embedding_type == "standard":
-            positions = prep.positions.expand(tokens.shape[0], -1)
+            positions = prep.positions.expand(embeds.shape[0], -1)
             residual = residual + self.hook_pos_embed(self.pos_embed(positions, prep.pad_mask))
         return residual
 

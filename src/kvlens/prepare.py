@@ -57,7 +57,7 @@ def tokens_from_input(input: Any, device: torch.device) -> Int[Tensor, "batch po
     if input.is_floating_point() or input.is_complex() or input.dtype == torch.bool:
         raise TypeError(
             f"input must hold integer token ids, got {input.dtype} (to feed a residual "
-            "stream, pass start_at_layer)"
+            "stream, pass start_at_layer; token embeddings are [batch, pos, d_model])"
         )
     if input.ndim == 1:
         input = input.unsqueeze(0)
@@ -68,14 +68,16 @@ def tokens_from_input(input: Any, device: torch.device) -> Int[Tensor, "batch po
     return input.to(device, torch.long)
 
 
-def check_residual(input: Any, d_model: int) -> Float[Tensor, "batch pos d_model"]:
-    """``input`` unchanged; raise unless it is a residual stream ``[batch, pos, d_model]``."""
+def check_residual(
+    input: Any, d_model: int, what: str = "with start_at_layer, input"
+) -> Float[Tensor, "batch pos d_model"]:
+    """``input`` unchanged; raise unless it is a float ``[batch, pos, d_model]`` tensor (``what``
+    names it in the error)."""
     if not isinstance(input, Tensor) or not input.is_floating_point():
-        raise TypeError("with start_at_layer, input must be a float residual stream tensor")
+        raise TypeError(f"{what} must be a float residual stream tensor")
     if input.ndim != 3 or input.shape[2] != d_model or input.shape[1] == 0:
         raise ValueError(
-            f"with start_at_layer, input must be [batch, pos, d_model={d_model}], "
-            f"got {tuple(input.shape)}"
+            f"{what} must be [batch, pos, d_model={d_model}], got {tuple(input.shape)}"
         )
     return input
 

@@ -112,7 +112,12 @@ def test_invalid_arguments_are_named(model: HookedTransformer) -> None:
     with pytest.raises(ValueError, match=r"\[batch, pos\]"):
         model(torch.zeros(1, 2, 3, dtype=torch.long))
     with pytest.raises(TypeError, match="start_at_layer"):
-        model(torch.randn(1, 3, 16))
+        model(torch.randn(1, 3))
+    with pytest.raises(
+        ValueError, match=r"token embeddings input must be \[batch, pos, d_model=16\]"
+    ):
+        model(torch.randn(1, 3, 8))
+    assert torch.equal(model(model.embed(tokens)), model(tokens))  # embeddings for tokens
     with pytest.raises(ValueError, match="attention_mask has shape"):
         model(tokens, attention_mask=torch.ones(1, 4, dtype=torch.long))
     with pytest.raises(TypeError, match="attention_mask"):

@@ -27,11 +27,13 @@ class TransformerBlock(WatchedModule):
     ``ln1_post`` and ``ln2_post`` normalize the attention's and the MLP's outputs before
     ``hook_attn_out`` and ``hook_mlp_out``, as in TransformerLens.
 
-    A decode step (one new token per row) of a block that nothing observes runs as one native
-    call (:func:`kvlens.kernels.layer.decode_layer`), bitwise equal to the op-by-op path that hooks
-    see. Its arguments are the block's decode plan (:mod:`kvlens.components.decode_plan`), built
-    once and rebuilt after a structural change (:mod:`kvlens.structure`);
-    :attr:`decode_plan_reason` says why a block has none.
+    A decode step (one new token per row) of a block that nothing inside observes runs as one
+    native call (:func:`kvlens.kernels.layer.decode_layer`), bitwise equal to the op-by-op path
+    that hooks see. Hooks on the block's input and output (``hook_resid_pre``,
+    ``hook_resid_post``) run around that call, so reading or steering the residual stream
+    between blocks keeps the native layer. Its arguments are the block's decode plan
+    (:mod:`kvlens.components.decode_plan`), built once and rebuilt after a structural change
+    (:mod:`kvlens.structure`); :attr:`decode_plan_reason` says why a block has none.
 
     TransformerLens's hook options (:meth:`set_hook_options`) declare more hook points:
     ``hook_attn_in`` (``use_attn_in``) and ``hook_q_input``, ``hook_k_input``, ``hook_v_input``
@@ -112,13 +114,13 @@ class TransformerBlock(WatchedModule):
         cache_entry: AttentionEntry | None = None,
     ) -> Float[Tensor, "batch pos d_model"]:
         """Run the block on the new tokens; ``cache_entry`` (if any) gets their keys and values."""
+        resid_pre = self.hook_resid_pre(resid_pre)
         if cache_entry is not None and resid_pre.shape[1] == 1:
             plan = self.decode_plan
             if plan is not None and not global_hooks():
                 out = plan.run(resid_pre, ctx, cache_entry)
                 if out is not None:
-                    return out
-        resid_pre = self.hook_resid_pre(resid_pre)
+                    return self.hook_resid_post(out)
         attn_out = self._attention(resid_pre, ctx, cache_entry)
         if self.use_post_norms:
             attn_out = self.ln1_post(attn_out)

@@ -89,8 +89,10 @@ def make_plan(block: TransformerBlock) -> DecodePlan | str:
             return f"{name} is not a kvlens module (its changes would go unseen)"
         if part.has_torch_forward_hooks:
             return f"a torch forward hook on {name}"
+    # The block's input and output hook points run around the native call (TransformerBlock).
+    boundary = (block.hook_resid_pre, block.hook_resid_post)
     for module in block.modules():
-        if isinstance(module, HookPoint) and module.attached:
+        if isinstance(module, HookPoint) and module.attached and module not in boundary:
             return f"a hook on {module.name or 'one of its hook points'}"
     weights = LayerWeights(
         ln1.w, ln1.b, attn.w_qkv, attn.b_qkv, attn.w_o, attn.b_o, ln2.w, ln2.b,

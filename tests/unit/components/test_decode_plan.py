@@ -141,7 +141,7 @@ def test_the_native_layer_reads_only_a_sliding_window(counts, padded: bool) -> N
         whole = model(tokens, attention_mask=mask)[:, 3:]
         # The op-by-op path (a hook on every block) gives the same steps.
         cache = KeyValueCache.init_cache(model.cfg, None, 2)
-        with model.hooks(fwd_hooks=[(lambda n: n.endswith("hook_resid_pre"), lambda x, hook: x)]):
+        with model.hooks(fwd_hooks=[(lambda n: n.endswith("hook_attn_out"), lambda x, hook: x)]):
             ops = [model(tokens[:, :4], past_kv_cache=cache, attention_mask=mask[:, :4])[:, -1]]
             for i in range(4, 14):
                 ops.append(model(tokens[:, i : i + 1], past_kv_cache=cache)[:, -1])
@@ -152,3 +152,33 @@ def test_the_native_layer_reads_only_a_sliding_window(counts, padded: bool) -> N
     with torch.no_grad():
         unwindowed = tiny()(tokens, attention_mask=mask)[:, 3:]
     assert not torch.allclose(whole, unwindowed, atol=1e-3)
+
+
+@pytest.mark.parametrize("point", ["hook_resid_pre", "hook_resid_post"])
+def test_hooks_between_blocks_keep_the_native_layer(counts, point: str) -> None:
+    """A hook on a block's input or output runs around the native call: the native layer still
+    runs every step, the hook sees every step, and steering there gives what the op-by-op path
+    (forced by a hook inside the block) and the uncached pass give."""
+    model = tiny()
+    gen = torch.Generator().manual_seed(3)
+    direction = torch.randn(model.cfg.d_model, generator=gen)
+    seen: list[tuple[int, ...]] = []
+
+    def steer(x: torch.Tensor, hook) -> torch.Tensor:  # type: ignore[no-untyped-def]
+        seen.append(tuple(x.shape))
+        return x + direction
+
+    name = f"blocks.1.{point}"
+    with model.hooks(fwd_hooks=[(name, steer)]):
+        assert model.blocks[1].decode_plan is not None
+        native = steps(model)
+        assert counts["native"] == [True] * 10  # 2 blocks x 5 steps
+        assert seen == [(2, 4, 32)] + [(2, 1, 32)] * 5
+        whole = uncached(model)
+    inner = ("blocks.1.hook_mlp_out", lambda x, hook: x)
+    with model.hooks(fwd_hooks=[(name, steer), inner]):
+        assert model.blocks[1].decode_plan is None
+        ops = steps(model)
+    assert torch.equal(native, ops)
+    assert torch.allclose(native, whole, atol=1e-4)
+    assert not torch.allclose(native, steps(model), atol=1e-3)  # the steering did something
