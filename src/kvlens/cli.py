@@ -1,4 +1,4 @@
-"""The ``kvlens`` command: ``generate``, ``chat`` and ``info``.
+"""The ``kvlens`` command: ``generate``, ``chat``, ``info`` and ``pictures``.
 
 Exit status: 0 on success, also when the reader of the output goes away (``kvlens ... | head``);
 2 with one line on stderr for bad input or a failed read or write (naming the file); 130 on
@@ -77,6 +77,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser("info", help="print the model's config and its cache's size per token")
     _add_model_args(info)
+
+    pics = sub.add_parser(
+        "pictures",
+        help="write PNGs of attention patterns and the logit lens over a prompt (+ continuation)",
+    )
+    pics.add_argument("--prompt", required=True, help="the prompt text")
+    pics.add_argument(
+        "--max-new-tokens", type=int, default=0, help="greedy tokens to add first (default 0)"
+    )
+    pics.add_argument(
+        "--layers", default="0", help="attention layers: comma-separated, or 'all' (default 0)"
+    )
+    pics.add_argument(
+        "--heads", default="0", help="attention heads: comma-separated, or 'all' (default 0)"
+    )
+    pics.add_argument("--out", default=".", metavar="DIR", help="folder to write into (default .)")
+    _add_model_args(pics)
     return parser
 
 
@@ -239,7 +256,47 @@ def cmd_info(args: argparse.Namespace) -> None:
             print(f"  op by op: {reason}")
 
 
-COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info}
+def _indices(option: str, text: str) -> list[int] | None:
+    """``"0,3"`` as ``[0, 3]``; ``"all"`` as ``None``; anything else refused naming ``option``."""
+    if text.strip() == "all":
+        return None
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise CLIError(f"{option} takes comma-separated numbers or 'all', got {text!r}") from None
+    return list(dict.fromkeys(values))  # in the order given, each once
+
+
+def cmd_pictures(args: argparse.Namespace) -> None:
+    if not args.prompt:
+        raise CLIError("the prompt is empty")
+    if args.max_new_tokens < 0:
+        raise CLIError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    layers = _indices("--layers", args.layers)
+    heads = _indices("--heads", args.heads)
+    from kvlens import pictures
+
+    model = _load(args)
+    layers = list(range(model.cfg.n_layers)) if layers is None else layers
+    heads = list(range(model.cfg.n_heads)) if heads is None else heads
+    for option, checked in (("--layers", (layers, [])), ("--heads", ([], heads))):
+        try:
+            pictures.check_layers_heads(model, *checked)
+        except ValueError as e:
+            raise CLIError(f"{option}: {e}") from None
+    paths = pictures.draw_pictures(
+        model, args.prompt, args.out, layers, heads, max_new_tokens=args.max_new_tokens
+    )
+    for path in paths:
+        print(path)
+
+
+COMMANDS = {
+    "generate": cmd_generate,
+    "chat": cmd_chat,
+    "info": cmd_info,
+    "pictures": cmd_pictures,
+}
 
 
 def _describe(error: OSError) -> str:
