@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-import kvlens.components.block as block_module
+import kvlens.components.decode_plan as plan_module
 from bench_matvec import median_seconds
 from kvlens import HookedTransformer, KeyValueCache, ModelConfig
 from model_shapes import SHAPES, TITLES
@@ -31,7 +31,7 @@ def step_times(shape_name: str, rounds: int, steps: int) -> tuple[list[float], l
     model = HookedTransformer(cfg).eval()
     tokens = torch.randint(0, cfg.d_vocab, (1, 128), generator=torch.Generator().manual_seed(0))
     cache = KeyValueCache.init_cache(cfg, None, 1, 256)
-    layer_call = block_module.decode_layer
+    layer_call = plan_module.decode_layer
     fused, ops = [], []
     with torch.no_grad():
         model(tokens, past_kv_cache=cache)
@@ -43,12 +43,12 @@ def step_times(shape_name: str, rounds: int, steps: int) -> tuple[list[float], l
 
         try:
             for _ in range(rounds):
-                block_module.decode_layer = layer_call
+                plan_module.decode_layer = layer_call
                 fused.append(median_seconds(step, steps) * 1e3)
-                block_module.decode_layer = lambda *args, **kwargs: None  # type: ignore[assignment]
+                plan_module.decode_layer = lambda *args, **kwargs: None  # type: ignore[assignment]
                 ops.append(median_seconds(step, steps) * 1e3)
         finally:
-            block_module.decode_layer = layer_call
+            plan_module.decode_layer = layer_call
     return fused, ops
 
 

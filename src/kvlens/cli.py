@@ -244,8 +244,7 @@ def cmd_info(args: argparse.Namespace) -> None:
     from kvlens import kernels  # imported here, as the model is: `kvlens --help` stays fast
     from kvlens.components.block import TransformerBlock
 
-    native = "yes" if kernels.available() else "no (torch does their work)"
-    print(f"native decode kernels: {native}")
+    print(f"native decode kernels: {kernels.describe()}")
     if kernels.available():
         reasons: list[str | None] = [
             cast(TransformerBlock, block).decode_plan_reason for block in model.blocks

@@ -202,8 +202,8 @@ def test_native_steps_equal_op_by_op_steps(family: str, monkeypatch: pytest.Monk
     for native in (True, False):
         cache = KeyValueCache.init_cache(model.cfg, None, batch_size=2)
         model(tokens[:, :4], past_kv_cache=cache)
-        # An observer on every block's resid_pre sends each block op by op.
-        observe = [] if native else [(lambda n: n.endswith("hook_resid_pre"), lambda t, hook: None)]
+        # An observer on every block's attn_out sends each block op by op.
+        observe = [] if native else [(lambda n: n.endswith("hook_attn_out"), lambda t, hook: None)]
         with model.hooks(fwd_hooks=observe):
             logits[native] = torch.cat(
                 [model(tokens[:, p : p + 1], past_kv_cache=cache) for p in range(4, 7)], dim=1

@@ -95,7 +95,7 @@ def test_processed_cached_equals_uncached_and_runs_natively(family: str) -> None
         block.decode_plan_reason for block in model.blocks
     ]
     # A hook that changes nothing makes every block run op by op.
-    hooks = [(f"blocks.{i}.hook_resid_pre", lambda x, hook: x) for i in range(2)]
+    hooks = [(f"blocks.{i}.hook_attn_out", lambda x, hook: x) for i in range(2)]
     with model.hooks(fwd_hooks=hooks):
         assert all(block.decode_plan is None for block in model.blocks)
         op_by_op = decode_steps(model, toks)

@@ -9,7 +9,7 @@ per row to the cached keys and values, split across threads by chunks of keys; `
 a whole layer of a decode step (any supported family) in one call with the same functions
 (:mod:`kvlens.kernels.layer`). See
 :mod:`kvlens.kernels.build` for how they are compiled (once per machine) and when they are not
-used.
+used (:func:`describe` says which, and why).
 
 Each op returns ``None`` for input it does not take (autograd, a dtype other than float32, a
 device other than the CPU, more rows than the library's ``max_rows``, an unsupported layout, or no
@@ -29,7 +29,14 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from kvlens.kernels.build import Limits, available, library, read_limits
+from kvlens.kernels.build import (
+    Limits,
+    available,
+    describe,
+    library,
+    read_limits,
+    unavailable_reason,
+)
 
 __all__ = [
     "Limits",
@@ -37,6 +44,7 @@ __all__ = [
     "available",
     "decode_attention",
     "decode_attention_lse",
+    "describe",
     "layer_norm",
     "library",
     "limits",
@@ -44,6 +52,7 @@ __all__ = [
     "rms_norm",
     "rotary_",
     "silu_mul",
+    "unavailable_reason",
 ]
 
 ACTIVATIONS = {"gelu": 0, "gelu_new": 1, "gelu_pytorch_tanh": 1, "relu": 2, "silu": 3}

@@ -26,11 +26,19 @@ typedef int32_t ivec16 __attribute__((vector_size(64)));
 
 static inline vec16 splat(float a) { return (vec16){0} + a; }
 
-/* Lanes 0-7: pairwise sums of a's lanes; lanes 8-15: of b's. */
+/* Lanes 0-7: pairwise sums of a's lanes; lanes 8-15: of b's. (GCC's __builtin_shuffle, which
+ * clang lacks; clang's __builtin_shufflevector takes the same lanes as constant arguments.) */
 static inline vec16 pair_sums(vec16 a, vec16 b) {
+#if defined(__clang__)
+    return __builtin_shufflevector(a, b, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28,
+                                   30) +
+           __builtin_shufflevector(a, b, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29,
+                                   31);
+#else
     const ivec16 even = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30};
     const ivec16 odd = {1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31};
     return __builtin_shuffle(a, b, even) + __builtin_shuffle(a, b, odd);
+#endif
 }
 
 /* Lane j of the result: the sum of the lanes of t[j]. */

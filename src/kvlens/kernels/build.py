@@ -1,32 +1,46 @@
 """Compiling and loading kvlens's C kernels: once per machine, cached, verified, never required.
 
-The sources (``*.c`` and ``kernels.h`` beside this file; GCC's C with its vector extensions) are
-compiled with the system C compiler (``cc -O3 -march=native -fopenmp``, a few seconds) into one
-shared library in ``~/.cache/kvlens/kernels`` (``$KVLENS_CACHE_DIR`` or ``$XDG_CACHE_HOME`` move
-it), named by a hash of the sources, the compiler, the flags and the CPU, and loaded with ctypes.
-The library links the OpenMP runtime torch has already loaded, so both share one thread pool; if
-loading it would bring in a second runtime, it is not used.
+The sources (``*.c`` and ``kernels.h`` beside this file; C with the vector extensions GCC and
+clang share) are compiled with the C compiler (``cc -O3 -march=native -fopenmp``, a few seconds)
+into one shared library in ``~/.cache/kvlens/kernels`` (``$KVLENS_CACHE_DIR`` or
+``$XDG_CACHE_HOME`` move it), named by a hash of the sources, the compiler, the flags and the
+target the compiler chose for this CPU, and loaded with ctypes.
+
+Environment:
+    KVLENS_CC: the compiler's command line (``KVLENS_CC="python -m ziglang cc"``); else ``CC``,
+        else ``cc`` or ``gcc`` (:mod:`kvlens.kernels.toolchain` says how flags and target are
+        chosen).
+    KVLENS_CACHE_DIR: where builds are kept (in its ``kernels`` folder).
+    KVLENS_NATIVE: ``0`` to use torch only.
+
+OpenMP is optional: a compiler without it builds a single-threaded library. An OpenMP build links
+the runtime torch has already loaded, so both share one thread pool; if loading it brings in a
+second runtime (clang's libomp beside torch's libgomp), the single-threaded build is used
+instead.
 
 A library is loaded only after it is verified, because a damaged one cannot be refused later: a
 truncated ELF file can pass ``dlopen`` and kill the process with SIGBUS when a missing page is
-touched. A build is written under a temporary name, flushed to disk, and renamed into place
-beside a manifest (``<library>.sha256``: its SHA-256 and size). Before loading, the library and
-the manifest must be regular files owned by this user and not writable by group or others, in a
-directory with the same properties (created mode 0700), and the library's size and hash must
-match the manifest. A library that fails this (truncated, zero bytes, garbage, foreign, another
-owner, no manifest) is rebuilt. The file that was verified is the file loaded (through its open
-descriptor). An unsafe cache directory (another owner, group or world writable) is not used:
-the build then goes to a fresh private temporary directory, with a warning. Builds of one key
-are serialised by a lock on the directory, so concurrent processes compile once.
+touched. A build is written under a temporary name, flushed to disk, and renamed into place beside
+a manifest (``<library>.sha256``: its SHA-256 and size); a failed compile leaves no file behind
+(the temporary files of a process killed mid-compile are removed by the next build, under the
+lock). Before loading, the library and the manifest must be regular files owned by this user and
+not writable by group or others, in a directory with the same properties (created mode 0700), and
+the library's size and hash must match the manifest. A library that fails this (truncated, zero
+bytes, garbage, foreign, another owner, no manifest) is rebuilt. The file that was verified is the
+file loaded (through its open descriptor). An unsafe cache directory (another owner, group or world
+writable) is not used: the build then goes to a fresh private temporary directory, with a warning,
+as it does when the cache directory cannot be written (read-only). Builds are serialised by a lock
+(``flock``) on the cache directory, so concurrent processes on a cold cache compile once.
 
 The C side owns its limits and the layout of the struct Python fills (``limits.c``): the loader
 reads them (:func:`read_limits`) and the kernels' Python side uses them instead of copies. A
 library whose ``kvlens_layer`` is not laid out as :mod:`kvlens.kernels.layer`'s ctypes mirror, or
 whose limits cannot be read, is not used, with a warning naming the difference.
 
-:func:`library` returns ``None`` (and torch does the work) with no compiler, a failed build or
-load, a build that disagrees with the Python side, or ``KVLENS_NATIVE=0`` in the environment; it
-never raises.
+:func:`library` returns ``None`` (and torch does the work) off Linux x86-64 and aarch64, with no
+compiler, a failed build or load, a build that disagrees with the Python side, or
+``KVLENS_NATIVE=0`` in the environment; it never raises. :func:`unavailable_reason` says why, and
+:func:`describe` says it in one line for ``kvlens info``.
 """
 
 from __future__ import annotations
@@ -36,7 +50,6 @@ import ctypes
 import hashlib
 import logging
 import os
-import platform
 import shutil
 import stat
 import subprocess
@@ -46,15 +59,19 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
+from kvlens.kernels.toolchain import Toolchain, compiler, probe, unsupported
+
 logger = logging.getLogger(__name__)
 
 SOURCES = tuple(sorted(Path(__file__).parent.glob("*.c")))
 HEADERS = tuple(sorted(Path(__file__).parent.glob("*.h")))
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
 MANIFEST_SUFFIX = ".sha256"
+TEMPORARY_SUFFIX = ".tmp"
 _OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 _lock = threading.Lock()
 _state: dict[str, ctypes.CDLL | None] = {}
+_loaded_fds: list[int] = []  # descriptors of the loaded libraries, kept open (_load_from)
+_notes: dict[str, str] = {}  # "reason": why load() gave None; "single": why one thread
 
 
 class Limits(NamedTuple):
@@ -77,16 +94,6 @@ def cache_dir() -> Path:
     xdg = os.environ.get("XDG_CACHE_HOME")
     base = Path(xdg) if xdg else Path.home() / ".cache"
     return base / "kvlens" / "kernels"
-
-
-def _cpu_signature() -> str:
-    """The CPU's model and feature flags: ``-march=native`` builds are only valid on the same."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return platform.processor() or platform.machine()
-    wanted = [line for line in lines if line.startswith(("model name", "flags"))]
-    return "\n".join(sorted(set(wanted)))
 
 
 def unsafe_reason(st: os.stat_result) -> str | None:
@@ -184,26 +191,46 @@ def _problem(fd: int, library: Path) -> str | None:
     return None
 
 
+class Unwritable(OSError):
+    """The build directory cannot be written (read-only, full, another user's)."""
+
+
 @contextlib.contextmanager
-def _locked(directory: Path) -> Iterator[None]:
+def _locked(directory: Path) -> Iterator[bool]:
     """Hold an exclusive lock on ``directory`` (POSIX ``flock``), or go on without one.
 
-    Without the lock (no ``fcntl``, a file system that refuses it) concurrent first runs may
-    each compile; the renames keep that safe.
+    Yields whether the lock is held. Without it (no ``fcntl``, a file system that refuses it)
+    concurrent first runs may each compile; the renames keep that safe.
     """
     try:
         import fcntl
 
         fd = os.open(directory, os.O_RDONLY)
     except (ImportError, OSError):
-        yield
+        yield False
         return
     try:
-        with contextlib.suppress(OSError):
+        try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
+        except OSError:
+            yield False
+            return
+        yield True
     finally:
         os.close(fd)  # releases the lock
+
+
+def _remove_leftovers(directory: Path) -> None:
+    """Remove the temporary files of compiles that were killed (call with the lock held).
+
+    Every compile holds the lock while its temporary files exist, so under the lock any that
+    remain belong to a process that died before its ``finally`` ran.
+    """
+    with contextlib.suppress(OSError):
+        for path in directory.glob(f"kvlens-*{TEMPORARY_SUFFIX}"):
+            with contextlib.suppress(OSError):
+                path.unlink()
+                logger.info("kvlens: removed %s, left by an interrupted build", path)
 
 
 def _write_synced(path: str, data: bytes) -> None:
@@ -215,20 +242,37 @@ def _write_synced(path: str, data: bytes) -> None:
         os.close(fd)
 
 
-def _compile(compiler: str, directory: Path, target: Path) -> None:
-    """Compile into a temporary file, record its hash, and rename both into place."""
-    logger.info("kvlens: compiling the native kernels into %s (once per machine)", target)
-    fd, tmp = tempfile.mkstemp(suffix=".so.tmp", dir=directory)
-    os.close(fd)
-    fd, tmp_manifest = tempfile.mkstemp(suffix=f"{MANIFEST_SUFFIX}.tmp", dir=directory)
-    os.close(fd)
+def _compile(toolchain: Toolchain, directory: Path, target: Path) -> None:
+    """Compile into a temporary file, record its hash, and rename both into place.
+
+    Raises:
+        Unwritable: ``directory`` cannot be written.
+        OSError, subprocess.SubprocessError: The compiler failed (nothing is left behind).
+    """
+    logger.info(
+        "kvlens: compiling the native kernels with %s into %s (once per machine)",
+        toolchain.name,
+        target,
+    )
+    names: list[str] = []
     try:
+        for suffix in (".so", MANIFEST_SUFFIX):
+            try:
+                fd, name = tempfile.mkstemp(
+                    prefix="kvlens-", suffix=suffix + TEMPORARY_SUFFIX, dir=directory
+                )
+            except OSError as error:
+                raise Unwritable(error.errno, f"{directory} cannot be written: {error}") from error
+            os.close(fd)
+            names.append(name)
+        tmp, tmp_manifest = names
+        sources = [str(path) for path in SOURCES]
         subprocess.run(
-            [compiler, *FLAGS, *map(str, SOURCES), "-o", tmp, "-lm"],
+            [*toolchain.command, *toolchain.flags, *sources, "-o", tmp, "-lm"],
             check=True,
             capture_output=True,
             text=True,
-            timeout=120,
+            timeout=300,
         )
         os.chmod(tmp, 0o700)  # the linker applies the umask, which may leave it group-writable
         fd = os.open(tmp, os.O_RDONLY)
@@ -241,46 +285,55 @@ def _compile(compiler: str, directory: Path, target: Path) -> None:
         os.replace(tmp, target)  # atomic: a concurrent reader never sees half a file
         os.replace(tmp_manifest, f"{target}{MANIFEST_SUFFIX}")
     finally:
-        for name in (tmp, tmp_manifest):
+        for name in names:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(name)
 
 
-def _build_verified(compiler: str, directory: Path) -> tuple[Path, int]:
-    """The library's path and a verified open descriptor of it, compiling it if need be."""
+def build_key(toolchain: Toolchain) -> str:
+    """The name of a build: a hash of the sources, the compiler, its flags and its target."""
     parts = [p.read_bytes() for p in SOURCES + HEADERS]
-    parts += [compiler.encode(), " ".join(FLAGS).encode(), _cpu_signature().encode()]
-    key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:20]
-    target = directory / f"kvlens-{key}.so"
-    with _locked(directory):
-        fd = open_verified(target)
+    parts += [toolchain.name.encode(), " ".join(toolchain.flags).encode()]
+    parts.append(toolchain.target.encode())
+    return hashlib.sha256(b"\0".join(parts)).hexdigest()[:20]
+
+
+def _build_verified(toolchain: Toolchain, directory: Path) -> tuple[Path, int]:
+    """The library's path and a verified open descriptor of it, compiling it if need be."""
+    target = directory / f"kvlens-{build_key(toolchain)}.so"
+    with _locked(directory) as held:
+        fd = open_verified(target)  # a read-only cache with a build in it is used as it is
         if fd is None:
-            _compile(compiler, directory, target)
+            if held:
+                _remove_leftovers(directory)
+            _compile(toolchain, directory, target)
             fd = open_verified(target)
     if fd is None:
         raise OSError(f"the fresh build {target} does not match its manifest")
     return target, fd
 
 
-def build(compiler: str, directory: Path | None = None) -> Path:
-    """Compile the C sources unless a verified build for them, this compiler and CPU exists.
+def build(compiler: str, directory: Path | None = None, openmp: bool = True) -> Path:
+    """Compile the C sources unless a verified build for them, this compiler and target exists.
 
     Args:
-        compiler: The C compiler's command.
+        compiler: The C compiler's command line (:func:`kvlens.kernels.toolchain.compiler`).
         directory: Where builds are kept; default :func:`cache_dir` (created mode 0700).
+        openmp: Build with OpenMP if the compiler has it (else single-threaded).
 
     Returns:
         The library's path.
 
     Raises:
         PermissionError: The directory is not trusted (another owner, group or world writable).
+        Unwritable: It cannot be written.
         OSError, subprocess.SubprocessError: The build failed.
     """
     if directory is None:
         directory, reason = trusted_directory()
         if reason is not None:
             raise PermissionError(f"the kernel cache {directory} is not used: {reason}")
-    path, fd = _build_verified(compiler, directory)
+    path, fd = _build_verified(probe(compiler, openmp), directory)
     os.close(fd)
     return path
 
@@ -295,31 +348,40 @@ def _openmp_runtimes() -> set[str]:
     return {line.split()[-1] for line in maps.splitlines() if any(n in line for n in names)}
 
 
-def _dlopen(compiler: str) -> ctypes.CDLL:
+def _dlopen(toolchain: Toolchain) -> ctypes.CDLL:
     """Build (if need be), verify and load the library, in the cache or a private scratch dir."""
     directory, reason = trusted_directory()
-    scratch = None
-    if reason is not None:
-        logger.warning(
-            "kvlens: not using the kernel cache %s: %s; building the kernels in a private "
-            "temporary directory (make it yours with mode 700, or set KVLENS_CACHE_DIR)",
-            directory,
-            reason,
-        )
-        directory = scratch = Path(tempfile.mkdtemp(prefix="kvlens-kernels-"))
-    try:
-        path, fd = _build_verified(compiler, directory)
+    if reason is None:
         try:
-            # Load the very file that was verified: its path could be replaced in between. (glibc
-            # reuses a library already loaded under the same name, so a second load in one
-            # process may return the first; both were verified builds of the same sources.)
-            by_fd = f"/proc/self/fd/{fd}"
-            return ctypes.CDLL(by_fd if os.path.exists(by_fd) else str(path))
-        finally:
-            os.close(fd)
-    finally:
-        if scratch is not None:  # a loaded library stays mapped once its file is gone
-            shutil.rmtree(scratch, ignore_errors=True)
+            return _load_from(toolchain, directory)
+        except Unwritable as error:
+            reason = str(error)
+    logger.warning(
+        "kvlens: not using the kernel cache %s: %s; building the kernels in a private "
+        "temporary directory (make it yours with mode 700, or set KVLENS_CACHE_DIR)",
+        directory,
+        reason,
+    )
+    scratch = Path(tempfile.mkdtemp(prefix="kvlens-kernels-"))
+    try:
+        return _load_from(toolchain, scratch)
+    finally:  # a loaded library stays mapped once its file is gone
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _load_from(toolchain: Toolchain, directory: Path) -> ctypes.CDLL:
+    path, fd = _build_verified(toolchain, directory)
+    # Load the very file that was verified: its path could be replaced in between. The
+    # descriptor stays open while the process lives: glibc hands out an already loaded library
+    # for a name it has seen, so a later load must never see the same /proc/self/fd/N name.
+    by_fd = f"/proc/self/fd/{fd}"
+    try:
+        lib = ctypes.CDLL(by_fd if os.path.exists(by_fd) else str(path))
+    except OSError:
+        os.close(fd)
+        raise
+    _loaded_fds.append(fd)
+    return lib
 
 
 def _declare(lib: ctypes.CDLL) -> None:
@@ -345,6 +407,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "kvlens_matmul_scratch": [i64, i64, i32],
         "kvlens_decode_attention_scratch": [i64] * 5,
         "kvlens_layer_size": [],
+        "kvlens_openmp_threads": [i64],
         **{f"kvlens_{name}": [] for name in Limits._fields},
     }
     for name, argtypes in counts.items():
@@ -407,37 +470,82 @@ def activation_problem(lib: ctypes.CDLL) -> str | None:
 def load() -> ctypes.CDLL | None:
     """Build (if need be), verify and load the library with its signatures; ``None`` if not.
 
-    Never raises: every failure is logged as a warning and torch does the work.
+    Never raises: every failure is logged (a warning unless it is this platform's or the user's
+    choice), recorded for :func:`unavailable_reason`, and torch does the work.
     """
+    lib, note = _load()
+    _notes["reason" if lib is None else "build"] = note
+    if lib is not None:
+        _notes.pop("reason", None)
+    return lib
+
+
+def _load() -> tuple[ctypes.CDLL | None, str]:
+    """The library and how it was built, or ``None`` and why not."""
+    line = compiler()
     if os.environ.get("KVLENS_NATIVE", "1") == "0":
-        return None
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if not SOURCES:
-        logger.warning("kvlens: the kernels' C sources are not installed; using torch")
-        return None
-    if compiler is None:
-        logger.info("kvlens: no C compiler found; using torch for decode matrix products")
-        return None
+        return None, "KVLENS_NATIVE=0 turns them off"
+    reason = unsupported()
+    if reason is None and not SOURCES:
+        reason = "the kernels' C sources are not installed"
+    if reason is None and line is None:
+        reason = "no C compiler found (set KVLENS_CC or CC)"
+    if reason is not None or line is None:
+        logger.info("kvlens: %s; torch does the native kernels' work", reason)
+        return None, str(reason)
     before = _openmp_runtimes()
     try:
-        lib = _dlopen(compiler)
+        toolchain = probe(line)
+        lib = _dlopen(toolchain)
+        if toolchain.openmp and before and len(_openmp_runtimes()) > len(before):
+            # A second OpenMP runtime would run its own thread pool beside torch's, and two
+            # pools spinning on the same cores stall each other: the one-thread build (which
+            # never starts the other runtime's pool) is the safer choice.
+            logger.warning(
+                "kvlens: %s links another OpenMP runtime than torch's; using a single-threaded "
+                "build of the native kernels",
+                toolchain.name,
+            )
+            toolchain = probe(line, openmp=False)
+            lib = _dlopen(toolchain)
         _declare(lib)
         problem = disagreement(lib)
     except (OSError, AttributeError, subprocess.SubprocessError) as error:
-        detail = getattr(error, "stderr", "") or error
+        detail = _summary(error)
         logger.warning("kvlens: native kernels unavailable, using torch (%s)", detail)
-        return None
+        return None, f"they could not be built or loaded ({detail})"
     if problem is not None:
         # Filling a struct C reads at other offsets, or a buffer sized by another limit, would
         # silently overwrite memory: this build and this Python code do not belong together.
         logger.warning("kvlens: not using the native kernels, using torch: %s", problem)
+        return None, f"the build disagrees with kvlens's Python side: {problem}"
+    threads = "OpenMP" if toolchain.openmp else "single-threaded: the compiler has no OpenMP"
+    return lib, f"{toolchain.name}, {threads}"
+
+
+def _summary(error: BaseException) -> str:
+    """A failure in a line or two: a compiler's first error, else the exception."""
+    stderr = getattr(error, "stderr", None)
+    if isinstance(stderr, bytes):
+        stderr = stderr.decode(errors="replace")
+    lines = [line.strip() for line in (stderr or "").splitlines() if line.strip()]
+    errors = [line for line in lines if "error" in line.lower()]
+    return (errors or lines or [str(error)])[0]
+
+
+def unavailable_reason() -> str | None:
+    """Why torch does the native kernels' work in this process, or ``None`` if they are loaded."""
+    if library() is not None:
         return None
-    if before and len(_openmp_runtimes()) > len(before):
-        # A second OpenMP runtime would run its own thread pool beside torch's, and two pools
-        # spinning on the same cores stall each other; torch alone is the safer choice.
-        logger.warning("kvlens: native kernels link another OpenMP runtime; using torch")
-        return None
-    return lib
+    return _notes.get("reason", "they were not loaded")
+
+
+def describe() -> str:
+    """Whether the native kernels run, built how, or why torch does their work: one line."""
+    reason = unavailable_reason()
+    if reason is not None:
+        return f"no, torch does their work: {reason}"
+    return f"yes ({_notes.get('build', 'built elsewhere')})"
 
 
 def library() -> ctypes.CDLL | None:

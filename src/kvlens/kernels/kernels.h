@@ -10,6 +10,17 @@
 #define KVLENS_KERNELS_H
 #include <stdint.h>
 
+/* OpenMP is optional: a compiler without it (Apple's clang, clang without libomp, zig cc) builds
+ * the kernels with -fopenmp-simd, which keeps the simd pragmas and ignores the others, so every
+ * parallel region runs on one thread. These stand in for the two runtime calls the kernels make;
+ * kvlens_openmp_threads (limits.c) tells Python which build it has. */
+#ifdef _OPENMP
+#include <omp.h>
+#else
+static inline int omp_get_thread_num(void) { return 0; }
+static inline int omp_get_num_threads(void) { return 1; }
+#endif
+
 /* The kernels' limits. Python never copies these: limits.c exports them and
  * kvlens/kernels/build.py reads them from the loaded library. */
 

@@ -12,7 +12,6 @@
  */
 #include <stdint.h>
 #include <string.h>
-#include <omp.h>
 
 #include "kernels.h"
 

@@ -22,6 +22,16 @@ int64_t kvlens_decode_attention_scratch(int64_t batch, int64_t n_heads, int64_t 
     return kvlens__attention_scratch(batch, n_heads, n_kv, d, kv_len);
 }
 
+/* The size of the team a parallel region asking for `requested` threads gets: `requested` in
+ * an OpenMP build (unless OMP_THREAD_LIMIT caps it), 1 in a build without OpenMP. */
+int64_t kvlens_openmp_threads(int64_t requested) {
+    int64_t got = 1;
+    if (requested < 1) requested = 1;
+#pragma omp parallel num_threads((int)requested)
+    if (omp_get_thread_num() == 0) got = omp_get_num_threads();
+    return got;
+}
+
 int64_t kvlens_layer_size(void) { return (int64_t)sizeof(kvlens_layer); }
 
 #define FIELD(f) {#f, offsetof(kvlens_layer, f), sizeof(((kvlens_layer *)0)->f)}

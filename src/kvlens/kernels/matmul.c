@@ -13,14 +13,17 @@
  * partial sums are added at the end) unless N is wide enough that splitting the columns still
  * gives each thread long contiguous pieces of every row. The summation order of a row of y
  * depends on K, N and the thread count, never on M or on the other rows, so a row computed in a
- * batch is bitwise equal to the same row computed alone.
+ * batch is bitwise equal to the same row computed alone. With the column split every column is
+ * summed over all of K in one order, so the result is bitwise the one-thread result; with the K
+ * split the threads' partial sums round differently for each thread count
+ * (tests/unit/kernels/test_threads.py).
  *
- * Built at first use by kvlens/kernels/__init__.py with the system C compiler and OpenMP; the
- * OpenMP runtime is the one torch has already loaded, so both share one thread pool.
+ * Built at first use by kvlens/kernels/build.py with the system C compiler and OpenMP where the
+ * compiler has it (the runtime torch has already loaded, so both share one thread pool), else
+ * single-threaded.
  */
 #include <stdint.h>
 #include <string.h>
-#include <omp.h>
 
 #include "kernels.h"
 

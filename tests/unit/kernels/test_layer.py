@@ -55,8 +55,9 @@ def decode(
     prompt = torch.randint(0, model.cfg.d_vocab, (batch, 6), generator=gen)
     steps = torch.randint(0, model.cfg.d_vocab, (batch, 4), generator=gen)
     cache = KeyValueCache.init_cache(model.cfg, None, batch, capacity)
-    # An identity hook on every block's first hook point sends the block down the op-by-op path.
-    hooks = [(lambda name: name.endswith("hook_resid_pre"), identity)] if hooked else []
+    # An identity hook inside every block (its input and output hooks run around the native call)
+    # sends the block down the op-by-op path.
+    hooks = [(lambda name: name.endswith("attn.hook_z"), identity)] if hooked else []
     outs = []
     with torch.no_grad(), model.hooks(fwd_hooks=hooks):
         model(prompt, past_kv_cache=cache, attention_mask=padding_mask(batch, 6, side))
@@ -101,7 +102,7 @@ def test_native_layer_grows_and_respects_a_frozen_cache(freeze: bool, taken: lis
 @pytest.mark.parametrize(
     "hook_name",
     [
-        "blocks.0.hook_resid_post",
+        "blocks.0.hook_resid_mid",
         "blocks.0.ln1.hook_normalized",
         "blocks.0.attn.hook_k",
         "blocks.0.attn.hook_pattern",
