@@ -413,6 +413,14 @@ def _declare(lib: ctypes.CDLL) -> None:
     for name, argtypes in counts.items():
         fn = getattr(lib, name)
         fn.restype, fn.argtypes = i64, argtypes
+    checked = {  # return 0, or -1 for arguments outside their limits
+        "kvlens_qmatmul": [i64, i64, i64, i32, ptr, ptr, i64, ptr, ptr, i64, i32],
+        "kvlens_qdequantize": [i64, i32, ptr, i64, i64, ptr, i32],
+    }
+    for name, argtypes in checked.items():
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = i32, argtypes
+    lib.kvlens_qblock_bytes.restype, lib.kvlens_qblock_bytes.argtypes = i64, [i32]
     out = ctypes.POINTER(ctypes.c_int64)
     lib.kvlens_layer_field.restype = ctypes.c_char_p
     lib.kvlens_layer_field.argtypes = [i64, out, out]
