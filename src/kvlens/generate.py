@@ -295,7 +295,7 @@ class GenerationMixin:
                 tokens after a row's EOS count as real, as generation fed them). After a
                 ``past_kv_cache``, positions start at its length (the attention maps' key axis
                 still starts at 0). The last new token is run through the model too, one pass
-                more than without the cache.
+                more than without the cache (so a ``past_kv_cache`` then holds it as well).
             names_filter: The hook points ``return_cache`` records (a name, a list, a predicate;
                 default all). Recording only ``hook_resid_pre``/``hook_resid_post`` keeps the
                 fused native decode layer; a hook point inside a block runs that block op by op.

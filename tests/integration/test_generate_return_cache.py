@@ -253,3 +253,32 @@ def test_the_default_model_return_cache_equals_run_with_cache() -> None:
     _, want = model.run_with_cache(out, attention_mask=full_mask, names_filter=names)
     assert cache["blocks.5.attn.hook_pattern"].shape[-2:] == (out.shape[1], out.shape[1])
     assert_caches_equal(cache, want, scaled=True)
+
+
+def test_over_a_shared_prefix_each_row_equals_its_whole_sequence() -> None:
+    _, model = model_pair("llama")
+    prefix, suffixes = tokens_for(12, 1, 6), tokens_for(13, 2, 3)
+    shared = model.prefill(prefix).freeze()
+    out, cache = model.generate(
+        suffixes, max_new_tokens=4, past_kv_cache=shared, return_cache=True, **GREEDY
+    )
+    for row in range(2):
+        _, whole = model.run_with_cache(torch.cat([prefix[0], out[row]])[None])
+        for name in ("blocks.0.hook_resid_post", "blocks.1.attn.hook_attn_scores"):
+            want = whole[name][:, 6:] if "resid" in name else whole[name][:, :, 6:]
+            got = cache[name][row : row + 1]
+            assert got.shape == want.shape
+            assert torch.equal(torch.isinf(got), torch.isinf(want))
+            finite = ~torch.isinf(want)
+            assert torch.allclose(got[finite], want[finite], atol=1e-4)
+
+
+def test_a_past_cache_then_holds_the_last_token_too() -> None:
+    _, model = model_pair("llama")
+    tokens = tokens_for(14, 1, 4)
+    plain, recorded = (KeyValueCache.init_cache(model.cfg, None, 1) for _ in range(2))
+    model.generate(tokens, max_new_tokens=3, past_kv_cache=plain, **GREEDY)
+    out, _ = model.generate(
+        tokens, max_new_tokens=3, past_kv_cache=recorded, return_cache=True, **GREEDY
+    )
+    assert plain.seq_len == 6 and recorded.seq_len == 7 == out.shape[1]  # every token, once
