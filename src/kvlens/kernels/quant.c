@@ -6,9 +6,9 @@
  *   Q4_0 (18 bytes): fp16 d, then 16 bytes; byte j holds weight j (low nibble) and weight j + 16
  *                    (high nibble); weight = d * (q - 8).
  *   Q4_1 (20 bytes): fp16 d, fp16 m, then 16 bytes as Q4_0; weight = d * q + m.
- * A block decoded to fp32 is exact (d * q is exact in fp32, so d * q - 8d and d * q + m round
- * once, fused or not), so a product here is the product with the dequantized fp32 matrix up to
- * the order of its additions.
+ * A block decoded to fp32 is bitwise ggml's (d * q is exact in fp32, so d * q + m rounds once,
+ * fused or not), so a product here is the product with the dequantized fp32 matrix up to the
+ * order of its additions.
  *
  * kvlens_qmatmul: y[M, N] = x[M, K] @ W^T (+ b) for a decode step's few rows. Each output row of
  * W is read once, by one thread, for all M rows of x; its sum runs block by block into two
@@ -119,12 +119,17 @@ static inline __attribute__((always_inline)) void decode(int type, const uint8_t
         return;
     }
     const lanes vd = SPLAT(d);
-    const lanes shift = SPLAT(type == Q4_0 ? -8.0f * d : half_to_float(b + 2));
-    const uint8_t *q = b + (type == Q4_1 ? 4 : 2);
     lanes low, high;
-    nibbles(q, &low, &high);
-    *lo = FMA(low, vd, shift);
-    *hi = FMA(high, vd, shift);
+    if (type == Q4_0) { /* (q - 8) * d, as ggml: -0.0 where q = 8 and d < 0 */
+        nibbles(b + 2, &low, &high);
+        *lo = (low - SPLAT(8.0f)) * vd;
+        *hi = (high - SPLAT(8.0f)) * vd;
+        return;
+    }
+    const lanes m = SPLAT(half_to_float(b + 2));
+    nibbles(b + 4, &low, &high);
+    *lo = FMA(low, vd, m);
+    *hi = FMA(high, vd, m);
 }
 
 /* The 32 lanes of two accumulators added in one fixed order. */

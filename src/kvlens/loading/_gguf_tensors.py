@@ -145,12 +145,22 @@ def iter_state_dict(
     """Yield ``(hf_name, tensor)`` for every stored tensor, dequantized and in HF layout."""
     from tqdm.auto import tqdm
 
-    rotary_heads = {"q_proj": config.num_attention_heads, "k_proj": config.num_key_value_heads}
     bar = tqdm(reader.tensors, desc="Dequantizing GGUF", unit="tensor", disable=not progress)
     for tensor in bar:
-        name = hf_name(tensor.name)
-        weight = _dequantize(tensor, tensor_shape(tensor))
-        projection = name.rsplit(".", 2)[-2]
-        if projection in rotary_heads:
-            weight = unpermute_rotary(weight, rotary_heads[projection])
+        name, weight = hf_tensor(tensor, config)
         yield name, weight.to(dtype)
+
+
+def rotary_heads(name: str, config: LlamaConfig) -> int | None:
+    """The heads whose rows llama.cpp interleaved in the HF tensor ``name`` (q/k weights and
+    biases, see :func:`unpermute_rotary`), or ``None`` for any other tensor."""
+    heads = {"q_proj": config.num_attention_heads, "k_proj": config.num_key_value_heads}
+    return heads.get(name.rsplit(".", 2)[-2])
+
+
+def hf_tensor(tensor: ReaderTensor, config: LlamaConfig) -> tuple[str, Tensor]:
+    """``(hf_name, weight)`` of one stored tensor: dequantized to fp32, in HF layout."""
+    name = hf_name(tensor.name)
+    weight = _dequantize(tensor, tensor_shape(tensor))
+    heads = rotary_heads(name, config)
+    return name, weight if heads is None else unpermute_rotary(weight, heads)

@@ -105,3 +105,16 @@ def test_the_default_models_blocks() -> None:
         x = torch.randn(2, d_in, generator=torch.Generator().manual_seed(0))
         want = x.double() @ torch.from_numpy(exact).double().T
         assert torch.allclose(matrix.matmul(x).double(), want, atol=1e-4, rtol=1e-5)
+
+
+def test_dequantized_q4_0_keeps_the_sign_of_zero() -> None:
+    """(q - 8) * d as ggml computes it: -0.0 where q = 8 and d < 0."""
+    weight = np.full((1, 32), -1.0, dtype=np.float32)
+    weight[0, 0] = -8.0  # d = 1.0, every other weight q = 7
+    weight[0, 1:] = 8.0 * np.linspace(-1, 0, 31, dtype=np.float32)  # some codes are 8
+    weight *= -1.0  # a negative scale
+    blocks, exact = blocks_of(weight, "q4_0")
+    out = qdequantize(blocks, QUANT_TYPES["q4_0"], 32)
+    assert out is not None
+    assert torch.equal(out.view(torch.int32), torch.from_numpy(exact).view(torch.int32))
+    assert bool(torch.signbit(out[out == 0]).any())
