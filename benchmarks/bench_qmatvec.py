@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ from pathlib import Path
 import torch
 
 import floor
+from bench_generate import cpu_model
 from kvlens import kernels
 from kvlens.quantized import QuantizedMatrix
 from model_shapes import SHAPES
@@ -101,7 +101,7 @@ def main() -> None:
             })  # fmt: skip
     result = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_model(),
         "torch_threads": torch.get_num_threads(),
         "read_gb_per_s": [round(read_before / 1e9, 2), round(read_after / 1e9, 2)],
         "rounds": args.rounds,
