@@ -49,3 +49,26 @@ def tiny_llama_with_tokenizer(seed: int = 0, n_ctx: int = 256, **changes) -> Hoo
     with torch.no_grad():
         model.unembed.W_U.mul_(40.0)
     return model.eval()
+
+
+def save_tiny_llama_folder(folder):  # type: ignore[no-untyped-def]
+    """Write a Hugging Face checkpoint folder (config, safetensors, SmolLM2's tokenizer) of a
+    tiny random Llama (2 layers, 4 heads, 2 key-value heads) into ``folder``; return it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = smollm2_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).eval().save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -7,8 +7,7 @@ import subprocess
 import sys
 
 import pytest
-import torch
-from tests.tiny_models import smollm2_tokenizer
+from tests.tiny_models import save_tiny_llama_folder
 
 from kvlens.cli import main
 
@@ -16,26 +15,7 @@ from kvlens.cli import main
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
     """A Hugging Face checkpoint folder (config, safetensors, tokenizer) of a tiny random Llama."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tokenizer = smollm2_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).eval()
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    model.save_pretrained(folder, safe_serialization=True)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_tiny_llama_folder(tmp_path_factory.mktemp("tiny-llama"))
 
 
 def run(argv, capsys, stdin=None, monkeypatch=None):

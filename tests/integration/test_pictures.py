@@ -5,7 +5,7 @@ import sys
 
 import pytest
 import torch
-from tests.tiny_models import smollm2_tokenizer, tiny_llama_with_tokenizer
+from tests.tiny_models import save_tiny_llama_folder, tiny_llama_with_tokenizer
 
 from kvlens import pictures
 from kvlens.cli import main
@@ -16,26 +16,8 @@ PROMPT = "The cat paid $5, not $6"  # "$" pairs: escaped, not mathtext
 
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
-    """A Hugging Face checkpoint folder of a tiny random Llama (2 layers, 4 heads)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tokenizer = smollm2_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny-llama-pictures")
-    LlamaForCausalLM(config).eval().save_pretrained(folder, safe_serialization=True)
-    tokenizer.save_pretrained(folder)
-    return folder
+    """A Hugging Face checkpoint folder (config, safetensors, tokenizer) of a tiny random Llama."""
+    return save_tiny_llama_folder(tmp_path_factory.mktemp("tiny-llama-pictures"))
 
 
 def png_size(path):
