@@ -40,7 +40,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -77,6 +77,13 @@ class System:
     generate: GenerateFn
     info: dict[str, Any]
     reset: Callable[[], None] = field(default=_nothing)
+
+
+class _HasInfo(Protocol):
+    info: dict[str, Any]
+
+
+SystemT = TypeVar("SystemT", bound=_HasInfo)  # a built system of any harness
 
 
 class TimeLimit(Exception):
@@ -247,22 +254,29 @@ def run_sweep(system: System, spec: dict[str, Any]) -> None:
         system.reset()
 
 
-def main(build: Callable[[dict[str, Any]], System]) -> None:
-    """Build the model described by the JSON spec in ``argv[1]``, run its grid, then its sweep."""
+def start(build: Callable[[dict[str, Any]], SystemT]) -> tuple[dict[str, Any], SystemT]:
+    """Read the JSON spec in ``argv[1]``, set torch's threads and seed, build the system and
+    report its build time and memory (an ``info`` record); the spec and the system."""
     spec = json.loads(sys.argv[1])
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(spec["seed"])
-    start = time.perf_counter()
+    began = time.perf_counter()
     system = build(spec)
     release_memory()
     emit(
         "info",
-        build_s=time.perf_counter() - start,
+        build_s=time.perf_counter() - began,
         rss_after_build_mb=status_mb("VmRSS"),
         torch=torch.__version__,
         threads=torch.get_num_threads(),
         **system.info,
     )
+    return spec, system
+
+
+def main(build: Callable[[dict[str, Any]], System]) -> None:
+    """Build the model described by the JSON spec in ``argv[1]``, run its grid, then its sweep."""
+    spec, system = start(build)
     for batch, prompt in spec["grid"]:
         run_config(system, spec, batch, prompt)
     if spec["contexts"]:

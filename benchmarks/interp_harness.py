@@ -28,9 +28,7 @@ torch only: the peers' environments have no kvlens.
 
 from __future__ import annotations
 
-import json
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,7 +37,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from generate_harness import TimeLimit, emit, read_rate, release_memory, status_mb, time_limit
+from generate_harness import (
+    TimeLimit,
+    emit,
+    read_rate,
+    release_memory,
+    start,
+    status_mb,
+    time_limit,
+)
 
 STEER_LAYER = 15
 SCENARIOS = ("plain", "steer", "record", "cache", "cache_all")
@@ -88,6 +94,80 @@ class InterpSystem:
     full_resid: Callable[[Tensor], list[Tensor]]
     info: dict[str, Any]
     skipped: dict[str, str]
+
+
+def join(raw: Any) -> Output:
+    """Tokens alone, or tokens and per-pass pieces per layer joined along positions."""
+    if isinstance(raw, Tensor):
+        return Output(raw)
+    out, kept = raw
+    return Output(out, [torch.cat(list(pieces), dim=1) for pieces in kept])
+
+
+def hooked_system(
+    model: Any,
+    n_layers: int,
+    vector: Tensor,
+    greedy: dict[str, Any],
+    info: dict[str, Any],
+    no_cache: str | None = None,
+) -> InterpSystem:
+    """The scenarios through TransformerLens's hook API, which kvlens and TransformerLens 2.18 and
+    4.3 share: ``model.hooks(fwd_hooks=...)`` around ``model.generate(..., **greedy)``, and
+    ``generate(return_cache=True, names_filter=...)`` unless ``no_cache`` says why not."""
+    names = resid_post_names(n_layers)
+
+    def plain(tokens: Tensor, n: int) -> Tensor:
+        return model.generate(tokens, max_new_tokens=n, **greedy)
+
+    def add(resid: Tensor, hook: Any) -> Tensor:
+        return resid + vector
+
+    def steer(tokens: Tensor, n: int) -> Tensor:
+        with model.hooks(fwd_hooks=[(f"blocks.{STEER_LAYER}.hook_resid_post", add)]):
+            return model.generate(tokens, max_new_tokens=n, **greedy)
+
+    def keeper(store: list[Tensor]) -> Callable[..., None]:
+        def keep(resid: Tensor, hook: Any) -> None:
+            store.append(resid.detach())
+
+        return keep
+
+    def record(tokens: Tensor, n: int) -> tuple[Tensor, list[list[Tensor]]]:
+        kept: list[list[Tensor]] = [[] for _ in names]
+        with model.hooks(fwd_hooks=[(name, keeper(kept[i])) for i, name in enumerate(names)]):
+            out = model.generate(tokens, max_new_tokens=n, **greedy)
+        return out, kept
+
+    def cache(names_filter: Any) -> Callable[[Tensor, int], Any]:
+        def call(tokens: Tensor, n: int) -> Any:
+            return model.generate(
+                tokens, max_new_tokens=n, return_cache=True, names_filter=names_filter, **greedy
+            )
+
+        return call
+
+    def finish(raw: Any) -> Output:
+        if isinstance(raw, tuple) and not isinstance(raw[1], list):  # (tokens, ActivationCache)
+            out, acts = raw
+            return Output(out, [acts[name] for name in names], n_names=len(list(acts.keys())))
+        return join(raw)
+
+    def full_resid(tokens: Tensor) -> list[Tensor]:
+        _, acts = model.run_with_cache(tokens, names_filter=names)
+        return [acts[name] for name in names]
+
+    run: dict[str, Callable[[Tensor, int], Any]] = {
+        "plain": plain,
+        "steer": steer,
+        "record": record,
+    }
+    skipped: dict[str, str] = {}
+    if no_cache is None:
+        run.update(cache=cache(names), cache_all=cache(None))
+    else:
+        skipped.update(cache=no_cache, cache_all=no_cache)
+    return InterpSystem(run, finish, full_resid, info, skipped)
 
 
 def check(system: InterpSystem, scenario: str, out: Output, spec: dict[str, Any]) -> dict:
@@ -183,18 +263,5 @@ def measure(system: InterpSystem, spec: dict[str, Any]) -> None:
 
 def main(build: Callable[[dict[str, Any]], InterpSystem]) -> None:
     """Load the model the JSON spec in ``argv[1]`` names and measure its scenario and batch."""
-    spec = json.loads(sys.argv[1])
-    torch.set_num_threads(spec["threads"])
-    torch.manual_seed(spec["seed"])
-    start = time.perf_counter()
-    system = build(spec)
-    release_memory()
-    emit(
-        "info",
-        load_s=time.perf_counter() - start,
-        rss_after_load_mb=status_mb("VmRSS"),
-        torch=torch.__version__,
-        threads=torch.get_num_threads(),
-        **system.info,
-    )
+    spec, system = start(build)
     measure(system, spec)

@@ -23,82 +23,21 @@ import inspect
 from importlib.metadata import version
 from typing import Any
 
-import torch
-from torch import Tensor
-
 import kvlens
 from generate_harness import module_info
-from interp_harness import (
-    STEER_LAYER,
-    InterpSystem,
-    Output,
-    main,
-    resid_post_names,
-    steering_vector,
-)
+from interp_harness import InterpSystem, hooked_system, main, steering_vector
 
 
 def build(spec: dict[str, Any]) -> InterpSystem:
     model = kvlens.HookedTransformer.from_pretrained_no_processing(spec["folder"], progress=False)
     model.eval()
-    n_layers = model.cfg.n_layers
-    names = resid_post_names(n_layers)
     vector = steering_vector(model.cfg.d_model, spec["seed"], spec["steer_scale"])
     greedy = dict(do_sample=False, stop_at_eos=False, verbose=False, return_type="tokens")
-
-    def plain(tokens: Tensor, n: int) -> Tensor:
-        return model.generate(tokens, max_new_tokens=n, **greedy)
-
-    def add(resid: Tensor, hook: Any) -> Tensor:
-        return resid + vector
-
-    def steer(tokens: Tensor, n: int) -> Tensor:
-        with model.hooks(fwd_hooks=[(f"blocks.{STEER_LAYER}.hook_resid_post", add)]):
-            return model.generate(tokens, max_new_tokens=n, **greedy)
-
-    def record(tokens: Tensor, n: int) -> tuple[Tensor, list[list[Tensor]]]:
-        kept: list[list[Tensor]] = [[] for _ in range(n_layers)]
-
-        def keeper(store: list[Tensor]) -> Any:
-            def keep(resid: Tensor, hook: Any) -> None:
-                store.append(resid.detach())
-
-            return keep
-
-        hooks = [(name, keeper(kept[i])) for i, name in enumerate(names)]
-        with model.hooks(fwd_hooks=hooks):
-            out = model.generate(tokens, max_new_tokens=n, **greedy)
-        return out, kept
-
-    def cache(names_filter: Any) -> Any:
-        def call(tokens: Tensor, n: int) -> Any:
-            return model.generate(
-                tokens, max_new_tokens=n, return_cache=True, names_filter=names_filter, **greedy
-            )
-
-        return call
-
-    def finish(raw: Any) -> Output:
-        if isinstance(raw, Tensor):
-            return Output(raw)
-        out, kept = raw
-        if isinstance(kept, list):  # record: per-pass pieces, joined along positions
-            return Output(out, [torch.cat(pieces, dim=1) for pieces in kept])
-        return Output(out, [kept[name] for name in names], n_names=len(kept.keys()))
-
-    def full_resid(tokens: Tensor) -> list[Tensor]:
-        _, acts = model.run_with_cache(tokens, names_filter=names)
-        return [acts[name] for name in names]
-
-    run = {"plain": plain, "steer": steer, "record": record}
-    skipped = {}
-    if "return_cache" in inspect.signature(model.generate).parameters:
-        run.update(cache=cache(names), cache_all=cache(None))
-    else:
-        note = "this kvlens's generate has no return_cache argument"
-        skipped.update(cache=note, cache_all=note)
     info = {"kvlens": version("kvlens"), "kvlens_file": kvlens.__file__, **module_info(model)}
-    return InterpSystem(run, finish, full_resid, info, skipped)
+    no_cache = None
+    if "return_cache" not in inspect.signature(model.generate).parameters:
+        no_cache = "this kvlens's generate has no return_cache argument"
+    return hooked_system(model, model.cfg.n_layers, vector, greedy, info, no_cache)
 
 
 if __name__ == "__main__":

@@ -113,11 +113,12 @@ class _NoTokenizer:
         self.pad_token_id = self.bos_token_id = self.eos_token_id = d_vocab - 1
 
 
-def build_tl(shape: dict[str, Any], seed: int) -> nn.Module:
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
+def tl_config(shape: dict[str, Any], **changes: Any) -> Any:
+    """TransformerLens 2.18's config of a benchmark shape (fp32 on the CPU), with ``changes``."""
+    from transformer_lens import HookedTransformerConfig
 
     rotary = shape["positional_embedding_type"] == "rotary"
-    cfg = HookedTransformerConfig(
+    fields: dict[str, Any] = dict(
         n_layers=shape["n_layers"],
         d_model=shape["d_model"],
         n_heads=shape["n_heads"],
@@ -137,8 +138,14 @@ def build_tl(shape: dict[str, Any], seed: int) -> nn.Module:
         default_prepend_bos=False,
         device="cpu",
         dtype=torch.float32,
-        seed=seed,
     )
+    return HookedTransformerConfig(**(fields | changes))
+
+
+def build_tl(shape: dict[str, Any], seed: int) -> nn.Module:
+    from transformer_lens import HookedTransformer
+
+    cfg = tl_config(shape, seed=seed)
     model = HookedTransformer(cfg)
     model.tokenizer = _NoTokenizer(shape["d_vocab"])
     return model.eval()

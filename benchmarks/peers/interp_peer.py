@@ -37,32 +37,19 @@ from torch import Tensor, nn
 
 # The shared harness lives one folder up; this script runs outside kvlens's environment.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from generate_peer import tl_config
+
 from generate_harness import module_info
 from interp_harness import (
     STEER_LAYER,
     InterpSystem,
-    Output,
+    hooked_system,
+    join,
     main,
-    resid_post_names,
     steering_vector,
 )
 
 NO_RETURN_CACHE = "no generate(return_cache=...) in this system"
-
-
-def join(raw: Any) -> Output:
-    """Tokens alone, or tokens and per-pass pieces per layer joined along positions."""
-    if isinstance(raw, Tensor):
-        return Output(raw)
-    out, kept = raw
-    return Output(out, [torch.cat(list(pieces), dim=1) for pieces in kept])
-
-
-def keeper(store: list[Tensor]) -> Any:
-    def keep(resid: Tensor, hook: Any) -> None:
-        store.append(resid.detach())
-
-    return keep
 
 
 def build_nnsight(spec: dict[str, Any], vector: Tensor) -> InterpSystem:
@@ -115,33 +102,11 @@ def build_nnsight(spec: dict[str, Any], vector: Tensor) -> InterpSystem:
 
 def build_tl2_model(spec: dict[str, Any]) -> nn.Module:
     """TransformerLens 2.18's HookedTransformer with the folder's weights, unprocessed."""
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from transformer_lens import HookedTransformer
     from transformer_lens.pretrained.weight_conversions.llama import convert_llama_weights
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    shape = spec["shape"]
-    cfg = HookedTransformerConfig(
-        n_layers=shape["n_layers"],
-        d_model=shape["d_model"],
-        n_heads=shape["n_heads"],
-        d_head=shape["d_head"],
-        n_ctx=shape["n_ctx"],
-        d_vocab=shape["d_vocab"],
-        d_mlp=shape["d_mlp"],
-        n_key_value_heads=shape["n_key_value_heads"],
-        act_fn=shape["act_fn"],
-        normalization_type=shape["normalization_type"],
-        eps=shape["eps"],
-        positional_embedding_type="rotary",
-        rotary_dim=shape["d_head"],
-        rotary_base=int(shape["rotary_base"]),
-        gated_mlp=True,
-        final_rms=True,
-        original_architecture="LlamaForCausalLM",
-        default_prepend_bos=False,
-        device="cpu",
-        dtype=torch.float32,
-    )
+    cfg = tl_config(spec["shape"], original_architecture="LlamaForCausalLM")
     hf = LlamaForCausalLM.from_pretrained(spec["folder"], dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(spec["folder"])
     model = HookedTransformer(cfg, tokenizer=tokenizer)
@@ -167,57 +132,16 @@ def build_tl(spec: dict[str, Any], vector: Tensor) -> InterpSystem:
             spec["folder"], device="cpu", dtype=torch.float32
         )
         model.eval()
-    names = resid_post_names(spec["shape"]["n_layers"])
     greedy = dict(do_sample=False, stop_at_eos=False, verbose=False, return_type="tokens")
     if spec["system"] == "tl2":
         greedy["use_past_kv_cache"] = True
-
-    def plain(tokens: Tensor, n: int) -> Tensor:
-        return model.generate(tokens, max_new_tokens=n, **greedy)
-
-    def add(resid: Tensor, hook: Any) -> Tensor:
-        return resid + vector
-
-    def steer(tokens: Tensor, n: int) -> Tensor:
-        with model.hooks(fwd_hooks=[(f"blocks.{STEER_LAYER}.hook_resid_post", add)]):
-            return model.generate(tokens, max_new_tokens=n, **greedy)
-
-    def record(tokens: Tensor, n: int) -> tuple[Tensor, list[list[Tensor]]]:
-        kept: list[list[Tensor]] = [[] for _ in names]
-        with model.hooks(fwd_hooks=[(name, keeper(kept[i])) for i, name in enumerate(names)]):
-            out = model.generate(tokens, max_new_tokens=n, **greedy)
-        return out, kept
-
-    def cache(names_filter: Any) -> Any:
-        def call(tokens: Tensor, n: int) -> Any:
-            return model.generate(
-                tokens, max_new_tokens=n, return_cache=True, names_filter=names_filter, **greedy
-            )
-
-        return call
-
-    def finish(raw: Any) -> Output:
-        if isinstance(raw, tuple) and not isinstance(raw[1], list):
-            out, acts = raw
-            return Output(out, [acts[name] for name in names], n_names=len(list(acts.keys())))
-        return join(raw)
-
-    def full_resid(tokens: Tensor) -> list[Tensor]:
-        _, acts = model.run_with_cache(tokens, names_filter=names)
-        return [acts[name] for name in names]
-
-    run = {"plain": plain, "steer": steer, "record": record}
-    skipped = {}
-    if spec["system"] == "tl4":
-        run.update(cache=cache(names), cache_all=cache(None))
-    else:
-        skipped.update(cache=NO_RETURN_CACHE, cache_all=NO_RETURN_CACHE)
     info = {
         "transformer_lens": version("transformer-lens"),
         "transformers": version("transformers"),
     }
     info.update(module_info(model))
-    return InterpSystem(run, finish, full_resid, info, skipped)
+    no_cache = None if spec["system"] == "tl4" else NO_RETURN_CACHE
+    return hooked_system(model, spec["shape"]["n_layers"], vector, greedy, info, no_cache)
 
 
 def build(spec: dict[str, Any]) -> InterpSystem:

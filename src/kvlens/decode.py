@@ -191,6 +191,7 @@ def _generation_steps(
     # Read once: the loop below does no per-step attribute lookups or checks on ``options``.
     max_new_tokens, sampling = options.max_new_tokens, options.sampling
     pad_token_id, use_past_kv_cache = options.pad_token_id, options.use_past_kv_cache
+    feed_last_token = options.feed_last_token
     batch, n_prompt = prompt.shape[0], prompt.shape[1]
     device = prompt.device
     if attention_mask is None:
@@ -233,7 +234,7 @@ def _generation_steps(
             )
         yield Step(token, logits)
         last = step == max_new_tokens - 1 or (eos.numel() and bool(finished.all()))
-        if last and not options.feed_last_token:
+        if last and not feed_last_token:
             return
         step += 1
         model.set_generation_step(step)
