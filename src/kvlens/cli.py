@@ -33,6 +33,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         "(default: smollm2-135m-instruct)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars while loading")
+    p.add_argument(
+        "--quantized",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="compute on a GGUF file's own 4- and 8-bit blocks (default for GGUF models; "
+        "--no-quantized loads fp32 weights)",
+    )
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -115,7 +122,14 @@ def _check_sampling(args: argparse.Namespace, least_new_tokens: int = 0) -> None
 def _load(args: argparse.Namespace) -> HookedTransformer:
     from kvlens.model import HookedTransformer
 
-    return HookedTransformer.from_pretrained(args.model, progress=not args.quiet)
+    quantized = args.quantized
+    if quantized is None:  # GGUF models run on their blocks unless told otherwise
+        from kvlens.loading.pretrained import is_gguf_model
+
+        quantized = is_gguf_model(args.model)
+    return HookedTransformer.from_pretrained(
+        args.model, progress=not args.quiet, quantized=quantized
+    )
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -231,11 +245,19 @@ def cmd_chat(args: argparse.Namespace) -> None:
 def cmd_info(args: argparse.Namespace) -> None:
     model = _load(args)
     cfg = model.cfg
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = sum(p.numel() for p in model.parameters()) + sum(
+        rows * cols for rows, cols in (m.shape for m in model.quantized_weights.values())
+    )
     print(f"model: {cfg.model_name} ({cfg.original_architecture or 'custom'})")
     for key, value in cfg.to_dict().items():
         print(f"  {key}: {value}")
     print(f"parameters: {n_params:,}")
+    if model.is_quantized:
+        print("quantized weights:")
+        for line in model.quantization_summary():
+            print(f"  {line}")
+    else:
+        print("quantized weights: none (fp32)")
     print(f"kv cache bytes per token: {cfg.kv_bytes_per_token:,} (batch row, all layers)")
     print(
         f"kv cache at full context ({cfg.n_ctx} tokens): "

@@ -23,6 +23,7 @@ from kvlens.hook_options import HookOptionsMixin
 from kvlens.hooks import HookedRootModule, HookPoint
 from kvlens.loss import lm_cross_entropy_loss
 from kvlens.model_loading import LoadingMixin
+from kvlens.model_quantization import QuantizationMixin
 from kvlens.pass_info import PassInfo
 from kvlens.prepare import (
     Prepared,
@@ -54,6 +55,7 @@ class HookedTransformer(
     GenerationMixin,
     WeightsMixin,
     LoadingMixin,
+    QuantizationMixin,
     HookOptionsMixin,
     HookedRootModule,
 ):
@@ -132,7 +134,8 @@ class HookedTransformer(
         """
         super()._apply(fn, recurse)
         self._fingerprint = None
-        weight = self.embed.W_E  # a float parameter on block 0's device
+        # A float parameter on block 0's device: W_E, or block 0's first when W_E is quantized.
+        weight = next(p for p in self.parameters() if p.is_floating_point())
         changes: dict[str, Any] = {}
         if weight.dtype != self.cfg.dtype:
             changes["dtype"] = weight.dtype
@@ -155,7 +158,8 @@ class HookedTransformer(
         """A short hash of the weights, identifying this model to the caches it fills.
 
         Computed once (and again after ``load_state_dict`` or a move or cast): a hash of every
-        parameter's name, shape and 64 values sampled evenly through it. A cache records the
+        parameter's name, shape and 64 values sampled evenly through it (and of every matrix's
+        blocks in a quantized model). A cache records the
         fingerprint of the model that filled it, and ``forward`` and ``KeyValueCache.load``
         refuse a cache filled by another model. Editing weights in place afterwards (an
         ablation, say) does not change it: the model is still the one its caches came from.
@@ -163,7 +167,7 @@ class HookedTransformer(
         if self._fingerprint is None:
             digest = hashlib.sha256()
             with torch.no_grad():
-                for name, param in self.named_parameters():
+                for name, param in self._weights_to_fingerprint():
                     digest.update(f"{name}{tuple(param.shape)}{param.dtype}".encode())
                     if param.is_meta or param.numel() == 0:
                         continue
@@ -253,11 +257,11 @@ class HookedTransformer(
             and input.ndim == 3
         ):
             embeds = check_residual(input, self.cfg.d_model, "token embeddings input")
-            embeds = embeds.to(self.embed.W_E.device)
+            embeds = embeds.to(self.embed.weight_device("W_E"))
             batch, n_new = embeds.shape[0], embeds.shape[1]
         elif start_at_layer is None:
             # The single place `input` becomes token ids.
-            tokens = tokens_from_input(input, self.embed.W_E.device)
+            tokens = tokens_from_input(input, self.embed.weight_device("W_E"))
             batch, n_new = tokens.shape
             if attention_mask is None and not text_input:
                 # Device work only: `prepare_pass`'s one host sync finds whether it masks anything.
@@ -364,7 +368,7 @@ class HookedTransformer(
             # Masked as tokenized: a pad-id token in the text (e.g. a final EOS) stays real.
             tokens, text_mask = self.to_tokens_and_mask(tokens)
             attention_mask = text_mask if attention_mask is None else attention_mask
-        tokens = tokens_from_input(tokens, self.embed.W_E.device)
+        tokens = tokens_from_input(tokens, self.embed.weight_device("W_E"))
         batch, pos = tokens.shape
         cache = KeyValueCache.init_cache(self.cfg, self.cfg.device, batch, max(capacity, pos))
         self(tokens, return_type=None, past_kv_cache=cache, attention_mask=attention_mask)

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from jaxtyping import Float, UInt8
+from jaxtyping import Float, Int, UInt8
 from torch import Tensor
 
 from kvlens.kernels.quantized import QUANT_TYPES, qdequantize, qmatmul
@@ -94,6 +94,16 @@ class QuantizedMatrix:
         rows = self.blocks[start:stop].numpy()
         array = dequantize(rows, _gguf_type(self.fmt)).reshape(rows.shape[0], self.d_in)
         return torch.from_numpy(np.array(array, dtype=np.float32))
+
+    def rows(self, index: Int[Tensor, " n"]) -> Float[Tensor, "n d_in"]:
+        """Output rows ``index`` as fp32 ``[n, d_in]``, exactly (an embedding's lookup)."""
+        n_rows = self.blocks.shape[0]
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= n_rows):
+            raise IndexError(
+                f"row indices must be in [0, {n_rows}), got {int(index.min())}..{int(index.max())}"
+            )
+        picked = QuantizedMatrix(self.blocks[index.to(self.blocks.device)], self.d_in, self.fmt)
+        return picked.dequantize()
 
     def matmul(
         self, x: Float[Tensor, "... d_in"], bias: Float[Tensor, " d_out"] | None = None

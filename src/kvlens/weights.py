@@ -83,7 +83,7 @@ class WeightsMixin:
     def b_U(self) -> Float[Tensor, " d_vocab"]:
         """The unembedding bias, or zeros when the model has none."""
         b_U = self.unembed.b_U
-        return self.unembed.W_U.new_zeros(self.cfg.d_vocab) if b_U is None else b_U
+        return self.unembed.new_zeros("W_U", self.cfg.d_vocab) if b_U is None else b_U
 
     W_Q = _Stacked("attn.W_Q")
     W_K = _Stacked("attn.W_K")
@@ -127,7 +127,7 @@ class WeightsMixin:
             raise ValueError(
                 f"mlp_input=True needs layer < n_layers ({self.cfg.n_layers}), got {layer}"
             )
-        total = self.embed.W_E.new_zeros(self.cfg.d_model)
+        total = self.embed.new_zeros("W_E", self.cfg.d_model)
         for i in range(layer + 1 if mlp_input else layer):
             block = self.blocks[i]
             biases = [block.attn.b_O]

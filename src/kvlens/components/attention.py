@@ -14,13 +14,13 @@ from kvlens.components.attention_rules import AttentionSpec
 from kvlens.components.linear import linear
 from kvlens.components.native import NativeAttention
 from kvlens.components.positions import apply_rotary
+from kvlens.components.quantizable import Quantizable
 from kvlens.config import ModelConfig
 from kvlens.factored_matrix import FactoredMatrix
 from kvlens.hooks import HookPoint
-from kvlens.structure import WatchedModule
 
 
-class Attention(WatchedModule):
+class Attention(Quantizable):
     """Causal self-attention over the cached and the new tokens.
 
     Weights are stored fused for speed: one ``W_QKV: [d_model, (n_heads + 2 * n_kv) * d_head]``
@@ -51,6 +51,10 @@ class Attention(WatchedModule):
     head's output ``z W_O[h]`` passes ``hook_result`` ``[batch, pos, head_index, d_model]`` and
     the heads are summed (plus ``b_O``), as in TransformerLens. Both equal the fused matmuls up to
     float rounding.
+
+    In a quantized model ``W_QKV`` and ``W_O_flat`` are held as blocks
+    (:mod:`kvlens.components.quantizable`): the projections run on them, and every weight name
+    above reads as their fp32 dequantization, read-only.
     """
 
     hook_result: HookPoint  # declared by set_use_attn_result only while it is on
@@ -112,7 +116,7 @@ class Attention(WatchedModule):
     def _bias(self, part: int) -> Float[Tensor, "head d_head"]:
         start, end, heads = self._qkv_slice(part)
         if self.b_QKV is None:
-            return self.W_QKV.new_zeros(heads, self.d_head)
+            return self.new_zeros("W_QKV", heads, self.d_head)
         return self.b_QKV[start:end].view(heads, self.d_head)
 
     def _per_query_head(self, kv: Tensor) -> Tensor:
@@ -204,7 +208,8 @@ class Attention(WatchedModule):
             return None
         spec = self.spec
         return NativeAttention(
-            self.W_QKV, self.b_QKV, self.W_O_flat, self.b_O, spec.n_heads, spec.n_kv_heads,
+            self.stored_weight("W_QKV"), self.b_QKV, self.stored_weight("W_O_flat"), self.b_O,
+            spec.n_heads, spec.n_kv_heads,
             spec.d_head, spec.scale, spec.window, self.rotary, self.rotary_adjacent_pairs,
         )  # fmt: skip
 
@@ -247,7 +252,7 @@ class Attention(WatchedModule):
         z = self.hook_z(z_heads.transpose(1, 2))
         if self.use_attn_result:
             return self._sum_of_results(z)
-        return linear(z.reshape(batch, n_new, -1), self.W_O_flat, self.b_O)
+        return linear(z.reshape(batch, n_new, -1), self.stored_weight("W_O_flat"), self.b_O)
 
     def _sum_of_results(
         self, z: Float[Tensor, "batch pos head_index d_head"]
@@ -266,7 +271,8 @@ class Attention(WatchedModule):
     ]:
         """q, k, v from one matmul (views of its output) through their hooks, q and k rotated."""
         batch, n_new, _ = x.shape
-        heads = linear(x, self.W_QKV, self.b_QKV).view(batch, n_new, -1, self.d_head)
+        heads = linear(x, self.stored_weight("W_QKV"), self.b_QKV)
+        heads = heads.view(batch, n_new, -1, self.d_head)
         n_q, n_qk = self.n_heads, self.n_heads + self.n_kv_heads
         # Unless q or k is hooked before rotary, rotate them in one call: they share the angles
         # and rotary is elementwise, so the result is bit-identical and a decode step does half

@@ -7,10 +7,13 @@ from jaxtyping import Float
 from torch import Tensor
 
 from kvlens import kernels
+from kvlens.quantized import QuantizedMatrix
 
 
 def linear(
-    x: Float[Tensor, "... d_in"], weight: Float[Tensor, "d_in d_out"], bias: Tensor | None
+    x: Float[Tensor, "... d_in"],
+    weight: Float[Tensor, "d_in d_out"] | QuantizedMatrix,
+    bias: Tensor | None,
 ) -> Float[Tensor, "... d_out"]:
     """Apply a weight stored ``[in, out]`` (and an optional bias) to the last axis of ``x``.
 
@@ -19,7 +22,13 @@ def linear(
     CPU, ``x @ W`` with ``W`` contiguous ``[in, out]`` runs about twice as fast for single-token
     decoding as ``F.linear`` with ``[out, in]``, which is why every projection is stored this way.
     With a bias the product and the sum are one ``addmm`` call.
+
+    A weight held as quantized blocks (:class:`~kvlens.quantized.QuantizedMatrix`, ``[out,
+    in]``: a quantized model's) is multiplied on its blocks for a decode step's few rows, a tile
+    of dequantized rows at a time for more (:meth:`QuantizedMatrix.matmul`).
     """
+    if isinstance(weight, QuantizedMatrix):
+        return weight.matmul(x, bias)
     native = kernels.matmul(x, weight, bias)
     if native is not None:
         return native

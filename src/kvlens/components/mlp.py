@@ -12,9 +12,9 @@ from torch import Tensor, nn
 from kvlens import kernels
 from kvlens.components.linear import linear
 from kvlens.components.native import NativeMLP
+from kvlens.components.quantizable import Quantizable
 from kvlens.config import ActFn, ModelConfig
 from kvlens.hooks import HookPoint
-from kvlens.structure import WatchedModule
 
 
 def _gelu_tanh(x: Tensor) -> Tensor:
@@ -35,7 +35,7 @@ def activation(name: ActFn) -> Callable[[Tensor], Tensor]:
     return _ACTIVATIONS[name]
 
 
-class MLP(WatchedModule):
+class MLP(Quantizable):
     """``act(x W_in + b_in) W_out + b_out``.
 
     Attributes:
@@ -64,19 +64,21 @@ class MLP(WatchedModule):
             return None
         if self.act is not _ACTIVATIONS[self.act_fn]:
             return None
-        return NativeMLP(code, self.W_in, self.b_in, self.W_out, self.b_out)
+        return NativeMLP(
+            code, self.stored_weight("W_in"), self.b_in, self.stored_weight("W_out"), self.b_out
+        )
 
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
-        pre = self.hook_pre(linear(x, self.W_in, self.b_in))
+        pre = self.hook_pre(linear(x, self.stored_weight("W_in"), self.b_in))
         # A decode step's few rows: natively, unless the activation was replaced.
         post = (
             kernels.activation(pre, self.act_fn) if self.act is _ACTIVATIONS[self.act_fn] else None
         )
         post = self.hook_post(self.act(pre) if post is None else post)
-        return linear(post, self.W_out, self.b_out)
+        return linear(post, self.stored_weight("W_out"), self.b_out)
 
 
-class GatedMLP(WatchedModule):
+class GatedMLP(Quantizable):
     """``(act(x W_gate) * (x W_in)) W_out``, with both input projections in one matmul.
 
     The gate and input weights are stored side by side as ``W_gate_in: [d_model, 2 * d_mlp]``
@@ -120,24 +122,25 @@ class GatedMLP(WatchedModule):
         """A view of the stored bias, or zeros (TransformerLens's ``b_in`` of a model without
         MLP biases; editing them does nothing) when the model has none."""
         if self.b_gate_in is None:
-            return self.W_gate_in.new_zeros(self.d_mlp)
+            return self.new_zeros("W_gate_in", self.d_mlp)
         return self.b_gate_in[self.d_mlp :]
 
     def native(self) -> NativeMLP | None:
         """This MLP for the fused native layer: a gated SiLU MLP only (else ``None``)."""
         if type(self).forward is not GatedMLP.forward or self.act is not F.silu:
             return None
-        return NativeMLP(None, self.W_gate_in, self.b_gate_in, self.W_out, self.b_out)
+        w_gate_in, w_out = self.stored_weight("W_gate_in"), self.stored_weight("W_out")
+        return NativeMLP(None, w_gate_in, self.b_gate_in, w_out, self.b_out)
 
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
-        gate_in = linear(x, self.W_gate_in, self.b_gate_in)
+        gate_in = linear(x, self.stored_weight("W_gate_in"), self.b_gate_in)
         pre = self.hook_pre(gate_in[..., : self.d_mlp])
         pre_linear = self.hook_pre_linear(gate_in[..., self.d_mlp :])
         # A decode step's few rows: one native call instead of two torch ops.
         post = kernels.silu_mul(pre, pre_linear) if self.act is F.silu else None
         if post is None:
             post = self.act(pre) * pre_linear
-        return linear(self.hook_post(post), self.W_out, self.b_out)
+        return linear(self.hook_post(post), self.stored_weight("W_out"), self.b_out)
 
 
 def _bias(size: int, cfg: ModelConfig) -> nn.Parameter | None:

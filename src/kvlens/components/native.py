@@ -13,6 +13,11 @@ from typing import NamedTuple
 from jaxtyping import Float
 from torch import Tensor
 
+from kvlens.quantized import QuantizedMatrix
+
+Matrix = Float[Tensor, "d_in d_out"] | QuantizedMatrix
+"""A weight matrix: fp32 ``[in, out]``, or blocks ``[out, in]`` (a quantized model's)."""
+
 
 class NativeNorm(NamedTuple):
     """A LayerNorm (``layer_norm``, with bias ``b``) or an RMSNorm (``b`` is ``None``)."""
@@ -26,9 +31,9 @@ class NativeNorm(NamedTuple):
 class NativeAttention(NamedTuple):
     """Fused q/k/v and output projections, and the attention rules the kernel follows."""
 
-    w_qkv: Float[Tensor, "d_model qkv"]
+    w_qkv: Matrix
     b_qkv: Float[Tensor, " qkv"] | None
-    w_o: Float[Tensor, "q_width d_model"]
+    w_o: Matrix
     b_o: Float[Tensor, " d_model"] | None
     n_heads: int
     n_kv_heads: int
@@ -44,7 +49,7 @@ class NativeMLP(NamedTuple):
     MLP (``act`` ``None``, ``w_in`` the gate and input side by side)."""
 
     act: int | None
-    w_in: Float[Tensor, "d_model mlp_in"]
+    w_in: Matrix
     b_in: Float[Tensor, " mlp_in"] | None
-    w_out: Float[Tensor, "d_mlp d_model"]
+    w_out: Matrix
     b_out: Float[Tensor, " d_model"] | None

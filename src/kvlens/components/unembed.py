@@ -7,17 +7,18 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from kvlens.components.linear import linear
+from kvlens.components.quantizable import Quantizable
 from kvlens.config import ModelConfig
-from kvlens.structure import WatchedModule
 
 
-class Unembed(WatchedModule):
+class Unembed(Quantizable):
     """Residual vectors to logits: ``x @ W_U (+ b_U)``.
 
     ``W_U`` is its own contiguous ``[d_model, d_vocab]`` parameter even for models whose checkpoint
     ties it to the embedding (as TransformerLens does on load): the transposed view of ``W_E``
     would make the largest matmul of a decode step read memory with a stride. Editing ``W_E``
-    therefore does not change ``W_U``.
+    therefore does not change ``W_U``. In a quantized model whose file ties them, both are one
+    set of blocks (:mod:`kvlens.components.quantizable`), read as ``[d_vocab, d_model]`` rows.
 
     With ``cfg.output_logits_soft_cap = c > 0`` (Gemma 2) the logits are ``c * tanh(logits / c)``,
     as TransformerLens and Hugging Face compute them.
@@ -38,7 +39,7 @@ class Unembed(WatchedModule):
         self.soft_cap = float(cap) if cap > 0 else None
 
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_vocab"]:
-        logits = linear(x, self.W_U, self.b_U)
+        logits = linear(x, self.stored_weight("W_U"), self.b_U)
         if self.soft_cap is None:
             return logits
         return torch.tanh(logits / self.soft_cap) * self.soft_cap

@@ -40,6 +40,13 @@ static inline int omp_get_num_threads(void) { return 1; }
 void kvlens__matmul_team(int64_t M, int64_t K, int64_t N, const float *x, int64_t ldx,
                          const float *W, const float *b, float *y, float *scratch, int t);
 
+/* y = x @ W^T (+ b) with W [N, K] of ggml blocks of `type` (quant.c), on the first t threads
+ * of the team; each output summed by one thread in a fixed order, so bitwise independent of t
+ * and M. */
+void kvlens__qmatmul_team(int64_t M, int64_t K, int64_t N, int type, const uint8_t *W,
+                          const float *x, int64_t ldx, const float *bias, float *y, int64_t ldy,
+                          int t);
+
 /* kvlens_decode_attention's work, shared among the team (lse may be NULL). */
 void kvlens__attention_team(int64_t batch, int64_t n_heads, int64_t n_kv, int64_t d,
                             int64_t kv_len, const float *q, int64_t qs_b, int64_t qs_h,
@@ -81,10 +88,13 @@ typedef struct {
     int32_t gated;          /* 1: w_in is [d_model, 2 d_mlp] gate then input, SiLU; 0: plain */
     int32_t act;            /* the plain MLP's activation, KVLENS_ACT_* */
     int32_t parallel;       /* 1: attention and MLP both read x (GPT-NeoX) */
+    /* Each matrix's kind: 0 for fp32 [in, out]; else ggml's block type (quant.c), the matrix
+     * held as rows of blocks [out, in]. */
+    int32_t q_qkv, q_o, q_in, q_out;
     const float *x;         /* [rows, d_model], the residual stream entering the layer */
     float *out;             /* [rows, d_model], leaving it */
-    const float *ln1_w, *ln1_b, *w_qkv, *b_qkv, *w_o, *b_o;
-    const float *ln2_w, *ln2_b, *w_in, *b_in, *w_out, *b_out;
+    const float *ln1_w, *ln1_b, *b_qkv, *b_o, *ln2_w, *ln2_b, *b_in, *b_out;
+    const void *w_qkv, *w_o, *w_in, *w_out; /* fp32 or blocks, by q_* */
     const float *cos, *sin; /* rotary angles, NULL for a model without rotary */
     float *k_cache, *v_cache;
     const uint8_t *mask;    /* [rows, pos + 1] with row stride ms_b, or NULL */

@@ -1,6 +1,7 @@
 /* One decoder layer of a decode step in one call, for a few rows of one new token: RMSNorm or
  * LayerNorm, attention with optional (partial) rotary, a gated SiLU MLP or a plain MLP with its
- * activation, sequential or parallel residual (GPT-2, GPT-NeoX, Llama, Mistral, Qwen2).
+ * activation, sequential or parallel residual (GPT-2, GPT-NeoX, Llama, Mistral, Qwen2). Each
+ * weight matrix is fp32 or ggml blocks (a quantized model's; quant.c).
  *
  * Called one op at a time from Python, a layer costs about a dozen native or torch calls, each
  * with its own Python dispatch and OpenMP fork and join, milliseconds per step at batch 1
@@ -44,6 +45,15 @@ static void norm_row(const kvlens_layer *L, int64_t r, const float *x, const flo
         kvlens_rms_norm(1, D, x + r * D, D, w, L->eps, y + r * D);
 }
 
+/* y[M, N] = x[M, K] @ W (+ b) on the team: W fp32 [K, N] (type 0) or blocks [N, K]. */
+static void product(int type, int64_t M, int64_t K, int64_t N, const float *x, const void *W,
+                    const float *b, float *y, float *partial, int team) {
+    if (type)
+        kvlens__qmatmul_team(M, K, N, type, W, x, K, b, y, N, team);
+    else
+        kvlens__matmul_team(M, K, N, x, K, W, b, y, partial, product_threads(K, N, team));
+}
+
 /* This thread's share [c0, c1) of n columns, in pieces of multiples of 64. */
 static void share(int64_t n, int t, int i, int64_t *c0, int64_t *c1) {
     int64_t per = (n + t - 1) / t;
@@ -66,8 +76,7 @@ void kvlens_decode_layer(const kvlens_layer *L) {
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < R; r++)
             norm_row(L, r, L->x, L->ln1_w, L->ln1_b, xn);
-        kvlens__matmul_team(R, D, W, xn, D, L->w_qkv, L->b_qkv, qkv, partial,
-                            product_threads(D, W, team));
+        product(L->q_qkv, R, D, W, xn, L->w_qkv, L->b_qkv, qkv, partial, team);
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < R; r++) {
             float *row = qkv + r * W;
@@ -83,8 +92,7 @@ void kvlens_decode_layer(const kvlens_layer *L) {
         }
         kvlens__attention_team(R, H, KV, dh, L->pos + 1, qkv, W, dh, L->k_cache, L->v_cache,
                                L->s_b, L->s_h, L->s_p, L->mask, L->ms_b, L->scale, z, 0, att);
-        kvlens__matmul_team(R, HD, D, z, HD, L->w_o, L->b_o, ao, partial,
-                            product_threads(HD, D, team));
+        product(L->q_o, R, HD, D, z, L->w_o, L->b_o, ao, partial, team);
         /* MLP half: on x itself (parallel) or on x plus the attention's output. */
         const float *mlp_in = L->parallel ? L->x : mid;
 #pragma omp for schedule(static)
@@ -94,8 +102,7 @@ void kvlens_decode_layer(const kvlens_layer *L) {
             norm_row(L, r, mlp_in, L->ln2_w, L->ln2_b, xn);
         }
         const int64_t in_width = L->gated ? 2 * F : F;
-        kvlens__matmul_team(R, D, in_width, xn, D, L->w_in, L->b_in, gate_in, partial,
-                            product_threads(D, in_width, team));
+        product(L->q_in, R, D, in_width, xn, L->w_in, L->b_in, gate_in, partial, team);
         int64_t c0, c1;
         share(F, team, i, &c0, &c1);
         for (int64_t r = 0; r < R && c0 < c1; r++) {
@@ -107,8 +114,7 @@ void kvlens_decode_layer(const kvlens_layer *L) {
                 kvlens_activation(1, c1 - c0, row + c0, F, post + r * F + c0, L->act);
         }
 #pragma omp barrier
-        kvlens__matmul_team(R, F, D, post, F, L->w_out, L->b_out, mo, partial,
-                            product_threads(F, D, team));
+        product(L->q_out, R, F, D, post, L->w_out, L->b_out, mo, partial, team);
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < R; r++)
             for (int64_t c = 0; c < D; c++) {

@@ -12,13 +12,17 @@ from __future__ import annotations
 
 import ctypes
 import threading
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, Union
 
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
 from kvlens.kernels import ACTIVATIONS, _native, _plain, _scratch
+from kvlens.kernels.quantized import blocks_ok
+
+if TYPE_CHECKING:
+    from kvlens.quantized import QuantizedMatrix
 
 _F32 = torch.float32
 _local = threading.local()  # one argument struct per thread: ctypes releases the GIL
@@ -34,10 +38,11 @@ class _Layer(ctypes.Structure):
         ("eps", ctypes.c_float),
         ("scale", ctypes.c_float),
         *((name, ctypes.c_int32) for name in ("adjacent", "threads", "layer_norm", "gated")),
-        *((name, ctypes.c_int32) for name in ("act", "parallel")),
-        *((name, ctypes.c_void_p) for name in ("x", "out", "ln1_w", "ln1_b", "w_qkv", "b_qkv")),
-        *((name, ctypes.c_void_p) for name in ("w_o", "b_o", "ln2_w", "ln2_b", "w_in", "b_in")),
-        *((name, ctypes.c_void_p) for name in ("w_out", "b_out", "cos", "sin", "k_cache")),
+        *((name, ctypes.c_int32) for name in ("act", "parallel", "q_qkv", "q_o", "q_in")),
+        ("q_out", ctypes.c_int32),
+        *((name, ctypes.c_void_p) for name in ("x", "out", "ln1_w", "ln1_b", "b_qkv", "b_o")),
+        *((name, ctypes.c_void_p) for name in ("ln2_w", "ln2_b", "b_in", "b_out", "w_qkv")),
+        *((name, ctypes.c_void_p) for name in ("w_o", "w_in", "w_out", "cos", "sin", "k_cache")),
         *((name, ctypes.c_void_p) for name in ("v_cache", "mask", "work")),
     ]
 
@@ -77,26 +82,49 @@ def layout_problem(lib: ctypes.CDLL) -> str | None:
     return None
 
 
+Matrix = Union[Float[Tensor, "d_in d_out"], "QuantizedMatrix"]
+"""A layer's weight matrix: fp32 ``[in, out]``, or blocks ``[out, in]`` (a quantized model's)."""
+
+
+def _in_out(w: Matrix) -> tuple[int, int] | None:
+    """``(d_in, d_out)`` of a matrix, or ``None`` for a tensor that is not one."""
+    if isinstance(w, Tensor):
+        return (w.shape[0], w.shape[1]) if w.dim() == 2 else None
+    d_out, d_in = w.shape
+    return d_in, d_out
+
+
+def _matrix(w: Matrix, d_in: int, d_out: int) -> tuple[int, int] | None:
+    """``(address, kind)`` of a matrix the kernel takes as ``d_in -> d_out``: kind 0 for
+    contiguous fp32 ``[d_in, d_out]``, ggml's type for blocks ``[d_out, d_in]``; else ``None``."""
+    if isinstance(w, Tensor):
+        return (w.data_ptr(), 0) if _ok(w, (d_in, d_out)) else None
+    if w.shape != (d_out, d_in) or not blocks_ok(w.blocks, w.qtype, d_in):
+        return None
+    return w.blocks.data_ptr(), w.qtype
+
+
 class LayerWeights(NamedTuple):
     """A layer's parameters in kvlens's layout (weights ``[in, out]``).
 
     ``w_in`` is the MLP's input projection: ``[d_model, 2 * d_mlp]`` (gate, then input) for a
     gated MLP, ``[d_model, d_mlp]`` for a plain one. The norms' biases are for LayerNorm. Any
     field may be ``None`` as the module holds it (the biases of a model without them); a
-    required one missing makes ``decode_layer`` decline.
+    required one missing makes ``decode_layer`` decline. A matrix may be a
+    :class:`~kvlens.quantized.QuantizedMatrix` (``[out, in]`` blocks) instead of fp32.
     """
 
     ln1_w: Float[Tensor, " d_model"] | None
     ln1_b: Float[Tensor, " d_model"] | None
-    w_qkv: Float[Tensor, "d_model qkv"] | None
+    w_qkv: Matrix | None
     b_qkv: Float[Tensor, " qkv"] | None
-    w_o: Float[Tensor, "q_width d_model"] | None
+    w_o: Matrix | None
     b_o: Float[Tensor, " d_model"] | None
     ln2_w: Float[Tensor, " d_model"] | None
     ln2_b: Float[Tensor, " d_model"] | None
-    w_in: Float[Tensor, "d_model mlp_in"] | None
+    w_in: Matrix | None
     b_in: Float[Tensor, " mlp_in"] | None
-    w_out: Float[Tensor, "d_mlp d_model"] | None
+    w_out: Matrix | None
     b_out: Float[Tensor, " d_model"] | None
 
 
@@ -180,14 +208,15 @@ def decode_layer(
     if d_head > limits.attention_max_d_head:
         return None
     w = weights
-    if w.w_qkv is None or w.w_in is None or w.w_out is None:
+    if w.w_qkv is None or w.w_o is None or w.w_in is None or w.w_out is None:
         return None
-    if w.w_qkv.dim() != 2 or w.w_in.dim() != 2 or w.w_out.dim() != 2:
+    qkv_io, in_io, out_io = _in_out(w.w_qkv), _in_out(w.w_in), _in_out(w.w_out)
+    if qkv_io is None or in_io is None or out_io is None:
         return None
     if kind.act is not None and kind.act not in ACTIVATIONS.values():
         return None
-    width, q_width = w.w_qkv.shape[1], n_heads * d_head
-    d_mlp, in_width = w.w_out.shape[0], w.w_in.shape[1]
+    width, q_width = qkv_io[1], n_heads * d_head
+    d_mlp, in_width = out_io[0], in_io[1]
     gated = kind.act is None
     if width != (n_heads + 2 * n_kv) * d_head or in_width != (2 * d_mlp if gated else d_mlp):
         return None
@@ -201,16 +230,21 @@ def decode_layer(
         and _ok(w.ln2_w, (d_model,))
         and _bias_ok(w.ln1_b, norm_bias)
         and _bias_ok(w.ln2_b, norm_bias)
-        and _ok(w.w_qkv, (d_model, width))
         and _ok(w.b_qkv, (width,), optional=True)
-        and _ok(w.w_o, (q_width, d_model))
         and _ok(w.b_o, (d_model,), optional=True)
-        and _ok(w.w_in, (d_model, in_width))
         and _ok(w.b_in, (in_width,), optional=True)
-        and _ok(w.w_out, (d_mlp, d_model))
         and _ok(w.b_out, (d_model,), optional=True)
     ):
         return None
+    matrices = (
+        _matrix(w.w_qkv, d_model, width),
+        _matrix(w.w_o, q_width, d_model),
+        _matrix(w.w_in, d_model, in_width),
+        _matrix(w.w_out, d_mlp, d_model),
+    )
+    if any(m is None for m in matrices):
+        return None
+    (a_qkv, q_qkv), (a_o, q_o), (a_in, q_in), (a_out, q_out) = matrices  # type: ignore[misc]
     if mask is not None and (
         mask.dtype is not torch.bool
         or tuple(mask.shape) != (batch, 1, 1, pos + 1)
@@ -248,8 +282,8 @@ def decode_layer(
     layer.x, layer.out = x.data_ptr(), out.data_ptr()
     layer.ln1_w, layer.ln2_w = _address(w.ln1_w), _address(w.ln2_w)
     layer.ln1_b, layer.ln2_b = _address(w.ln1_b), _address(w.ln2_b)
-    layer.w_qkv, layer.w_o = _address(w.w_qkv), _address(w.w_o)
-    layer.w_in, layer.w_out = _address(w.w_in), _address(w.w_out)
+    layer.w_qkv, layer.w_o, layer.w_in, layer.w_out = a_qkv, a_o, a_in, a_out
+    layer.q_qkv, layer.q_o, layer.q_in, layer.q_out = q_qkv, q_o, q_in, q_out
     layer.b_qkv, layer.b_o = _address(w.b_qkv), _address(w.b_o)
     layer.b_in, layer.b_out = _address(w.b_in), _address(w.b_out)
     skip = first * keys.stride(2) * keys.element_size()

@@ -43,9 +43,10 @@ static const struct {
     FIELD(d_mlp),   FIELD(rotary_half), FIELD(pos),     FIELD(s_b),   FIELD(s_h),
     FIELD(s_p),     FIELD(ms_b),    FIELD(cos_row),     FIELD(eps),   FIELD(scale),
     FIELD(adjacent), FIELD(threads), FIELD(layer_norm), FIELD(gated), FIELD(act),
-    FIELD(parallel), FIELD(x),      FIELD(out),         FIELD(ln1_w), FIELD(ln1_b),
-    FIELD(w_qkv),   FIELD(b_qkv),   FIELD(w_o),         FIELD(b_o),   FIELD(ln2_w),
-    FIELD(ln2_b),   FIELD(w_in),    FIELD(b_in),        FIELD(w_out), FIELD(b_out),
+    FIELD(parallel), FIELD(q_qkv),  FIELD(q_o),         FIELD(q_in),  FIELD(q_out),
+    FIELD(x),       FIELD(out),     FIELD(ln1_w),       FIELD(ln1_b), FIELD(b_qkv),
+    FIELD(b_o),     FIELD(ln2_w),   FIELD(ln2_b),       FIELD(b_in),  FIELD(b_out),
+    FIELD(w_qkv),   FIELD(w_o),     FIELD(w_in),        FIELD(w_out),
     FIELD(cos),     FIELD(sin),     FIELD(k_cache),     FIELD(v_cache), FIELD(mask),
     FIELD(work),
 };

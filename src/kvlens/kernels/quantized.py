@@ -30,7 +30,9 @@ def block_bytes(qtype: int) -> int | None:
     return n or None
 
 
-def _blocks_ok(blocks: Tensor, qtype: int, d_in: int) -> bool:
+def blocks_ok(blocks: Tensor, qtype: int, d_in: int) -> bool:
+    """Whether ``blocks`` is a contiguous CPU ``uint8 [d_out, row_bytes]`` of ``qtype`` blocks
+    along ``d_in``, and the library takes that type."""
     size = block_bytes(qtype)
     return (
         size is not None
@@ -70,7 +72,7 @@ def qmatmul(
     lib, lim = native
     d_in = x.shape[-1]
     n_rows = x.numel() // d_in if d_in else 0
-    if not 0 < n_rows <= lim.max_rows or not _plain(x) or not _blocks_ok(blocks, qtype, d_in):
+    if not 0 < n_rows <= lim.max_rows or not _plain(x) or not blocks_ok(blocks, qtype, d_in):
         return None
     d_out = blocks.shape[0]
     if bias is not None and not (_plain(bias) and bias.is_contiguous() and bias.shape == (d_out,)):
@@ -96,7 +98,7 @@ def qdequantize(
     """Rows ``start .. stop`` of the dequantized weight as fp32 ``[rows, d_in]`` (exact), or
     ``None`` where the kernel does not apply."""
     native = _native()
-    if native is None or not _blocks_ok(blocks, qtype, d_in):
+    if native is None or not blocks_ok(blocks, qtype, d_in):
         return None
     stop = blocks.shape[0] if stop is None else stop
     if not 0 <= start <= stop <= blocks.shape[0]:

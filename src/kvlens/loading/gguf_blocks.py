@@ -12,8 +12,9 @@ an output row, so nothing is dequantized. Every other tensor is dequantized as t
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -22,7 +23,7 @@ from torch import Tensor
 from kvlens.config import ModelConfig
 from kvlens.kernels.quantized import QUANT_TYPES
 from kvlens.loading._gguf_config import llama_config
-from kvlens.loading._gguf_fields import open_gguf, read_fields
+from kvlens.loading._gguf_fields import open_gguf, read_fields, scalar_fields
 from kvlens.loading._gguf_tensors import (
     check_tensors,
     hf_name,
@@ -32,13 +33,14 @@ from kvlens.loading._gguf_tensors import (
     unpermute_rotary,
 )
 from kvlens.loading.hf import config_from_hf
+from kvlens.loading.tokenizer import tokenizer_from_gguf
 from kvlens.quantized import QuantizedMatrix
 
 if TYPE_CHECKING:
     from gguf.gguf_reader import ReaderTensor
-    from transformers import LlamaConfig
+    from transformers import LlamaConfig, PreTrainedTokenizerFast
 
-__all__ = ["QuantizedStateDict", "quantized_state_dict"]
+__all__ = ["QuantizedGGUF", "QuantizedStateDict", "quantized_state_dict", "read_quantized_gguf"]
 
 QuantizedStateDict = dict[str, Tensor | QuantizedMatrix]
 """kvlens parameter names to fp32 tensors (kvlens layout) or block matrices ``[d_out, d_in]``."""
@@ -98,24 +100,55 @@ def quantized_state_dict(
         ValueError: The file is not a llama GGUF file whose tensors fit its metadata, or ``cfg``
             disagrees with the file on a field that decides a shape.
     """
+    read = read_quantized_gguf(path, cfg)
+    return read.state_dict, read.dense_matrices
+
+
+@dataclass(frozen=True)
+class QuantizedGGUF:
+    """A llama GGUF file read for a quantized model.
+
+    Attributes:
+        hf_config: Its architecture, as ``kvlens.loading.gguf.read_gguf`` gives it.
+        state_dict: kvlens's state dict with block matrices (:func:`quantized_state_dict`).
+        dense_matrices: The file's matrices that were dequantized (``"name (TYPE)"``).
+        tokenizer: The file's tokenizer.
+        metadata: Its scalar fields.
+    """
+
+    hf_config: LlamaConfig
+    state_dict: QuantizedStateDict = field(repr=False)
+    dense_matrices: list[str]
+    tokenizer: PreTrainedTokenizerFast = field(repr=False)
+    metadata: dict[str, Any] = field(repr=False)
+
+
+def read_quantized_gguf(path: str | Path, cfg: ModelConfig | None = None) -> QuantizedGGUF:
+    """Everything a quantized model needs from a llama GGUF file (see
+    :func:`quantized_state_dict` for the state dict, ``cfg`` and the errors)."""
     path = Path(path)
     reader = open_gguf(path)
+    fields = read_fields(reader, path)
     shapes = {tensor.name: tensor_shape(tensor) for tensor in reader.tensors}
-    hf_config = llama_config(read_fields(reader, path), shapes)
+    hf_config = llama_config(fields, shapes)
     check_tensors(shapes, hf_config)
     own = config_from_hf(hf_config, dtype=torch.float32 if cfg is None else cfg.dtype)
     if cfg is not None:
         _check_fits(cfg, own, path)
     source = _Source(reader.tensors, hf_config, own.dtype)
-    return _convert(own, source), source.dense_matrices()
+    state = _convert(own, source)
+    return QuantizedGGUF(
+        hf_config, state, source.dense_matrices(), tokenizer_from_gguf(fields),
+        scalar_fields(fields),
+    )  # fmt: skip
 
 
 def _check_fits(cfg: ModelConfig, own: ModelConfig, path: Path) -> None:
-    for field in _SHAPE_FIELDS:
-        if getattr(cfg, field) != getattr(own, field):
+    for name in _SHAPE_FIELDS:
+        if getattr(cfg, name) != getattr(own, name):
             raise ValueError(
-                f"cfg.{field} is {getattr(cfg, field)!r}, but {path.name} holds a model with "
-                f"{field}={getattr(own, field)!r}"
+                f"cfg.{name} is {getattr(cfg, name)!r}, but {path.name} holds a model with "
+                f"{name}={getattr(own, name)!r}"
             )
 
 

@@ -71,6 +71,7 @@ def load_pretrained(
     device: str | None = None,
     progress: bool = True,
     n_devices: int = 1,
+    quantized: bool = False,
 ) -> HookedTransformer:
     """Build a model from a name, a checkpoint folder or a GGUF file.
 
@@ -81,27 +82,30 @@ def load_pretrained(
     cache first and downloaded otherwise (never with ``HF_HUB_OFFLINE=1``); safetensors weights
     only. ``dtype`` is a ``torch.dtype`` or its name (``"float16"``, ``"fp16"``, ``"bf16"``...).
     ``n_devices`` splits the blocks over that many devices from ``device`` on
-    (``cfg.n_devices``, see :func:`kvlens.devices.get_device_for_block_index`).
+    (``cfg.n_devices``, see :func:`kvlens.devices.get_device_for_block_index`). With
+    ``quantized``, a GGUF file's Q4_0, Q4_1 and Q8_0 matrices stay blocks
+    (:func:`_from_gguf_blocks`).
     """
     if isinstance(n_devices, bool) or not isinstance(n_devices, int) or n_devices < 1:
         raise ValueError(f"n_devices must be an int >= 1, got {n_devices!r}")
     dtype = parse_dtype(dtype)
+    if quantized and (dtype != torch.float32 or n_devices != 1 or device not in (None, "cpu")):
+        raise ValueError(
+            "quantized=True computes in float32 on one CPU device; got "
+            f"dtype={dtype}, device={device!r}, n_devices={n_devices}"
+        )
     path = resolve_model_path(name_or_path, progress=progress)
-    if path.is_file():
-        if path.suffix != ".gguf":
+    gguf = _gguf_file(path)
+    if quantized:
+        if gguf is None:
             raise ValueError(
-                f"{path} is a file but not a .gguf file; give a .gguf file or a folder"
+                f"quantized=True keeps a GGUF file's blocks, and {path} is not a GGUF model; "
+                "give quantize='q8_0' to quantize another checkpoint at load"
             )
-        return _from_gguf(path, dtype, device, progress, n_devices)
-    if (path / "config.json").is_file():
-        return _from_hf_folder(path, dtype, device, progress, n_devices)
-    ggufs = sorted(path.glob("*.gguf"))
-    if len(ggufs) == 1:
-        return _from_gguf(ggufs[0], dtype, device, progress, n_devices)
-    raise ValueError(
-        f"{path} holds neither a config.json (Hugging Face checkpoint) nor exactly one .gguf file "
-        f"(found {len(ggufs)})"
-    )
+        return _from_gguf_blocks(gguf)
+    if gguf is not None:
+        return _from_gguf(gguf, dtype, device, progress, n_devices)
+    return _from_hf_folder(path, dtype, device, progress, n_devices)
 
 
 _DTYPE_NAMES = {
@@ -127,6 +131,59 @@ def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
     if key not in _DTYPE_NAMES:
         raise ValueError(f"dtype {dtype!r} is not a dtype name; known: {sorted(_DTYPE_NAMES)}")
     return _DTYPE_NAMES[key]
+
+
+def is_gguf_model(name_or_path: str | Path | None) -> bool:
+    """Whether a model name or path (as :func:`load_pretrained` takes it) is a GGUF file."""
+    return _gguf_file(resolve_model_path(name_or_path, progress=False)) is not None
+
+
+def _gguf_file(path: Path) -> Path | None:
+    """The GGUF file ``path`` names (itself, or a folder's only ``.gguf`` without a
+    ``config.json``), or ``None`` for a Hugging Face checkpoint folder."""
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ValueError(
+                f"{path} is a file but not a .gguf file; give a .gguf file or a folder"
+            )
+        return path
+    if (path / "config.json").is_file():
+        return None
+    ggufs = sorted(path.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return ggufs[0]
+    raise ValueError(
+        f"{path} holds neither a config.json (Hugging Face checkpoint) nor exactly one .gguf file "
+        f"(found {len(ggufs)})"
+    )
+
+
+def _from_gguf_blocks(path: Path) -> HookedTransformer:
+    """A model holding the file's Q4_0, Q4_1 and Q8_0 matrices as blocks, float32 on the CPU.
+
+    No fp32 copy of a block matrix is made: the model's empty parameters are dropped as the
+    blocks take their place, then the dense tensors (norms, matrices of other types) are loaded.
+    """
+    from kvlens.loading.gguf_blocks import read_quantized_gguf
+    from kvlens.loading.hf import config_from_hf
+    from kvlens.model import HookedTransformer
+
+    read = read_quantized_gguf(path)
+    cfg = config_from_hf(read.hf_config, dtype=torch.float32).replace(
+        model_name=str(read.metadata.get("general.name") or path.stem),
+        default_prepend_bos=bool(read.metadata.get("tokenizer.ggml.add_bos_token", False)),
+    )
+    model = HookedTransformer(cfg, tokenizer=read.tokenizer, init_weights=False)
+    model.install_blocks_(read.state_dict)
+    dense = {k: v for k, v in read.state_dict.items() if isinstance(v, torch.Tensor)}
+    result = model.load_state_dict(dense, strict=False)
+    missing = [k for k in result.missing_keys if not k.endswith("_blocks")]
+    if missing or result.unexpected_keys:
+        raise ValueError(
+            f"{path.name}: no weights for {missing}, no place for {result.unexpected_keys}"
+        )
+    model.dense_file_matrices = tuple(read.dense_matrices)
+    return model
 
 
 def _from_gguf(

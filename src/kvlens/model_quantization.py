@@ -1,0 +1,144 @@
+"""A model's weight matrices as ggml blocks: installing them, making them, undoing them.
+
+``HookedTransformer`` inherits :class:`QuantizationMixin`. The matrices that can be held as blocks
+are each block's attention projections (``W_QKV``, ``W_O_flat``) and MLP projections
+(``W_in`` or ``W_gate_in``, ``W_out``), the embedding ``W_E`` and the unembedding ``W_U``
+(:data:`MATRICES`); norms, biases and learned positions stay fp32. How a module holds them and
+reads them back is :mod:`kvlens.components.quantizable`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from kvlens.components.quantizable import Quantizable
+from kvlens.quantized import QuantizedMatrix
+
+if TYPE_CHECKING:
+    from kvlens.loading.gguf_blocks import QuantizedStateDict
+
+FORMATS = ("q4_0", "q4_1", "q8_0")
+"""The block formats a model's matrices can be held in."""
+
+
+def matrices(model: Any) -> Iterator[tuple[str, Quantizable, str, bool]]:
+    """``(full name, module, parameter name, transposed)`` of every matrix that may be held
+    as blocks, the embedding first and the unembedding last. ``transposed``: the blocks are
+    ``[out, in]`` of an ``[in, out]`` parameter (every projection; not the embedding)."""
+    yield "embed.W_E", model.embed, "W_E", False
+    for i, block in enumerate(model.blocks):
+        yield f"blocks.{i}.attn.W_QKV", block.attn, "W_QKV", True
+        yield f"blocks.{i}.attn.W_O_flat", block.attn, "W_O_flat", True
+        gated = "W_gate_in" in block.mlp._parameters or "W_gate_in" in block.mlp.quantized_weights
+        name = "W_gate_in" if gated else "W_in"
+        yield f"blocks.{i}.mlp.{name}", block.mlp, name, True
+        yield f"blocks.{i}.mlp.W_out", block.mlp, "W_out", True
+    yield "unembed.W_U", model.unembed, "W_U", True
+
+
+class QuantizationMixin:
+    """Quantized weights of a model: :meth:`quantize_`, :meth:`dequantize_`, what is held."""
+
+    cfg: Any
+    _fingerprint: str | None
+    dense_file_matrices: tuple[str, ...] = ()
+    """A quantized GGUF model's matrices stored in other types, dequantized at load."""
+
+    @property
+    def quantized_weights(self) -> dict[str, QuantizedMatrix]:
+        """Every matrix held as blocks, by full name (empty for an fp32 model)."""
+        return {
+            full: module.quantized_weights[name]
+            for full, module, name, _ in matrices(self)
+            if name in module.quantized_weights
+        }
+
+    @property
+    def is_quantized(self) -> bool:
+        """Whether any weight matrix is held as blocks."""
+        return bool(self.quantized_weights)
+
+    def quantization_summary(self) -> list[str]:
+        """One line per block format held (matrices, megabytes), and one for fp32 matrices."""
+        held = self.quantized_weights
+        lines = []
+        by_format: dict[str, list[QuantizedMatrix]] = {}
+        seen: set[int] = set()
+        for matrix in held.values():
+            if id(matrix) not in seen:  # tied embedding and unembedding: one set of blocks
+                seen.add(id(matrix))
+                by_format.setdefault(matrix.fmt, []).append(matrix)
+        for fmt, group in sorted(by_format.items()):
+            mb = sum(m.nbytes for m in group) / 1e6
+            lines.append(f"{fmt}: {len(group)} matrices, {mb:.1f} MB")
+        dense = [full for full, *_ in matrices(self) if full not in held]
+        if held and dense:
+            lines.append(f"fp32: {', '.join(dense)}")
+        if self.dense_file_matrices:
+            lines.append(
+                "dequantized at load (types the kernels do not take): "
+                + ", ".join(self.dense_file_matrices)
+            )
+        return lines
+
+    def install_blocks_(self, state: QuantizedStateDict) -> None:
+        """Hold the :class:`QuantizedMatrix` entries of ``state`` (full names, as
+        :func:`kvlens.loading.gguf_blocks.quantized_state_dict` gives them) as blocks; the
+        other entries are left to ``load_state_dict``."""
+        for full, module, name, transposed in matrices(self):
+            entry = state.get(full)
+            if isinstance(entry, QuantizedMatrix):
+                module.quantize_weight_(name, entry, transposed, full)
+        self._fingerprint = None
+
+    def quantize_(self, fmt: str = "q8_0", progress: bool = False) -> None:
+        """Round every weight matrix of this fp32 model to ``fmt``'s blocks and hold them so.
+
+        ggml's reference rounding (a block of 32 weights along the input axis shares a
+        scale). A matrix whose input width is not a multiple of 32 stays fp32 (see
+        :meth:`quantization_summary`). An unembedding equal to the embedding's transpose (a
+        tied checkpoint) shares its blocks.
+
+        Raises:
+            ValueError: ``fmt`` is not one of :data:`FORMATS`, or the model is already quantized.
+        """
+        if fmt not in FORMATS:
+            raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
+        if self.is_quantized:
+            raise ValueError("the model already holds quantized weights; call dequantize_() first")
+        todo = list(matrices(self))
+        embed: tuple[Tensor, QuantizedMatrix] | None = None  # the fp32 embedding, its blocks
+        for full, module, name, transposed in tqdm(
+            todo, desc=f"quantizing to {fmt}", unit="matrix", disable=not progress
+        ):
+            weight: Tensor = getattr(module, name).detach()
+            rows = weight.T if transposed else weight
+            if rows.shape[1] % 32:
+                continue
+            if full == "unembed.W_U" and embed is not None and torch.equal(rows, embed[0]):
+                module.quantize_weight_(name, embed[1], transposed, full)
+                continue
+            matrix = QuantizedMatrix.quantize(rows.float(), fmt)
+            module.quantize_weight_(name, matrix, transposed, full)
+            if full == "embed.W_E":
+                embed = rows, matrix
+        self._fingerprint = None
+
+    def dequantize_(self) -> None:
+        """Make every quantized matrix an fp32 parameter again, its exact dequantization."""
+        for _, module, name, _ in matrices(self):
+            if name in module.quantized_weights:
+                module.dequantize_weight_(name)
+        self._fingerprint = None
+
+    def _weights_to_fingerprint(self) -> Iterator[tuple[str, Tensor]]:
+        """Every parameter, and every matrix's blocks, by name."""
+        yield from self.named_parameters()  # type: ignore[attr-defined]
+        for name, buffer in self.named_buffers():  # type: ignore[attr-defined]
+            if name.endswith("_blocks"):
+                yield name, buffer
