@@ -20,7 +20,7 @@ from kvlens.components.attention_context import AttentionContext
 from kvlens.components.attention_rules import window_start
 from kvlens.components.native import NativeAttention
 from kvlens.hook_point import HookPoint
-from kvlens.kernels.layer import LayerKind, LayerWeights, decode_layer
+from kvlens.kernels.layer import LayerKind, LayerWeights, PreparedLayer, decode_layer, prepare_layer
 from kvlens.structure import WatchedModule
 
 if TYPE_CHECKING:
@@ -33,6 +33,7 @@ class DecodePlan(NamedTuple):
     weights: LayerWeights
     kind: LayerKind
     attn: NativeAttention
+    prepared: PreparedLayer | None  # the weights checked once (None: the kernel declines them)
 
     def run(
         self,
@@ -62,7 +63,7 @@ class DecodePlan(NamedTuple):
         first = window_start(pos + 1, attn.window)
         out = decode_layer(
             resid_pre, self.weights, self.kind, attn.n_heads, attn.d_head, keys, values, pos,
-            mask, rotary, scale=attn.scale, first=first,
+            mask, rotary, scale=attn.scale, first=first, prepared=self.prepared,
         )  # fmt: skip
         if out is not None:
             entry.commit(1)
@@ -98,4 +99,6 @@ def make_plan(block: TransformerBlock) -> DecodePlan | str:
         ln1.w, ln1.b, attn.w_qkv, attn.b_qkv, attn.w_o, attn.b_o, ln2.w, ln2.b,
         mlp.w_in, mlp.b_in, mlp.w_out, mlp.b_out,
     )  # fmt: skip
-    return DecodePlan(weights, LayerKind(ln1.layer_norm, mlp.act, block.parallel, ln1.eps), attn)
+    kind = LayerKind(ln1.layer_norm, mlp.act, block.parallel, ln1.eps)
+    prepared = prepare_layer(weights, kind, attn.n_heads, attn.d_head)
+    return DecodePlan(weights, kind, attn, prepared)

@@ -153,6 +153,95 @@ def _address(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+class PreparedLayer(NamedTuple):
+    """A layer's weights checked once against what the kernel takes (:func:`prepare_layer`):
+    its shapes and the weights' part of the kernel's argument. :func:`decode_layer` then checks,
+    per call, only the token's inputs and that the weights are still where they were."""
+
+    d_model: int
+    n_kv: int
+    d_head: int
+    n_heads: int
+    tensors: tuple[Tensor, ...]  # every weight tensor (a quantized matrix's blocks)
+    addresses: tuple[int, ...]  # where each of them was when prepared
+    fields: dict[str, float | int | None]  # the kvlens_layer fields fixed by the weights
+
+    def current(self) -> bool:
+        """The weights are where they were and no gradient is to be tracked through them."""
+        grad = torch.is_grad_enabled()
+        for t, at in zip(self.tensors, self.addresses, strict=True):
+            if t.data_ptr() != at or (grad and t.requires_grad):
+                return False
+        return True
+
+
+def prepare_layer(
+    weights: LayerWeights, kind: LayerKind, n_heads: int, d_head: int
+) -> PreparedLayer | None:
+    """The layer's weights as the kernel takes them, or ``None`` where it does not (a missing
+    matrix, a shape or layout it does not handle, an unknown activation, no library)."""
+    native = _native()
+    if native is None:
+        return None
+    limits = native[1]
+    w = weights
+    if w.w_qkv is None or w.w_o is None or w.w_in is None or w.w_out is None:
+        return None
+    qkv_io, in_io, out_io = _in_out(w.w_qkv), _in_out(w.w_in), _in_out(w.w_out)
+    if qkv_io is None or in_io is None or out_io is None:
+        return None
+    if kind.act is not None and kind.act not in ACTIVATIONS.values():
+        return None
+    (d_model, width), q_width = qkv_io, n_heads * d_head
+    d_mlp, in_width = out_io[0], in_io[1]
+    gated = kind.act is None
+    n_kv, rest = divmod(width // d_head - n_heads, 2) if width % d_head == 0 else (0, 1)
+    if rest or n_kv < 1 or in_width != (2 * d_mlp if gated else d_mlp):
+        return None
+    if n_heads % n_kv or n_heads // n_kv > limits.attention_max_group:
+        return None
+    if d_head > limits.attention_max_d_head:
+        return None
+    norm_bias = (d_model,) if kind.layer_norm else None
+    if not (
+        _ok(w.ln1_w, (d_model,))
+        and _ok(w.ln2_w, (d_model,))
+        and _bias_ok(w.ln1_b, norm_bias)
+        and _bias_ok(w.ln2_b, norm_bias)
+        and _ok(w.b_qkv, (width,), optional=True)
+        and _ok(w.b_o, (d_model,), optional=True)
+        and _ok(w.b_in, (in_width,), optional=True)
+        and _ok(w.b_out, (d_model,), optional=True)
+    ):
+        return None
+    matrices = (
+        _matrix(w.w_qkv, d_model, width),
+        _matrix(w.w_o, q_width, d_model),
+        _matrix(w.w_in, d_model, in_width),
+        _matrix(w.w_out, d_mlp, d_model),
+    )
+    if any(m is None for m in matrices):
+        return None
+    (a_qkv, q_qkv), (a_o, q_o), (a_in, q_in), (a_out, q_out) = matrices  # type: ignore[misc]
+    vectors = (w.ln1_w, w.ln1_b, w.ln2_w, w.ln2_b, w.b_qkv, w.b_o, w.b_in, w.b_out)
+    tensors = tuple(t for t in vectors if t is not None) + tuple(
+        m if isinstance(m, Tensor) else m.blocks for m in (w.w_qkv, w.w_o, w.w_in, w.w_out)
+    )
+    fields: dict[str, float | int | None] = {
+        "d_model": d_model, "n_heads": n_heads, "n_kv": n_kv, "d_head": d_head, "d_mlp": d_mlp,
+        "eps": kind.eps, "layer_norm": int(kind.layer_norm), "parallel": int(kind.parallel),
+        "gated": int(gated), "act": kind.act or 0,
+        "ln1_w": _address(w.ln1_w), "ln2_w": _address(w.ln2_w),
+        "ln1_b": _address(w.ln1_b), "ln2_b": _address(w.ln2_b),
+        "w_qkv": a_qkv, "w_o": a_o, "w_in": a_in, "w_out": a_out,
+        "q_qkv": q_qkv, "q_o": q_o, "q_in": q_in, "q_out": q_out,
+        "b_qkv": _address(w.b_qkv), "b_o": _address(w.b_o),
+        "b_in": _address(w.b_in), "b_out": _address(w.b_out),
+    }  # fmt: skip
+    addresses = tuple(t.data_ptr() for t in tensors)
+    return PreparedLayer(d_model, n_kv, d_head, n_heads, tensors, addresses, fields)
+
+
 def decode_layer(
     x: Float[Tensor, "batch 1 d_model"],
     weights: LayerWeights,
@@ -167,6 +256,7 @@ def decode_layer(
     *,
     scale: float,
     first: int = 0,
+    prepared: PreparedLayer | None = None,
 ) -> Float[Tensor, "batch 1 d_model"] | None:
     """The residual stream after one layer, or ``None`` where this does not apply.
 
@@ -192,59 +282,28 @@ def decode_layer(
             :class:`kvlens.components.attention_rules.AttentionSpec`).
         first: The first position attended to (a sliding window's start); the keys before it
             are not read.
+        prepared: :func:`prepare_layer` of these very ``weights``, ``kind``, ``n_heads`` and
+            ``d_head``, made once (a block's decode plan keeps it); default: prepared here.
     """
-    if x.dim() != 3 or keys.dim() != 4:
+    if prepared is None:
+        prepared = prepare_layer(weights, kind, n_heads, d_head)
+        if prepared is None:
+            return None
+    elif not prepared.current():
         return None
-    batch, n_new, d_model = x.shape
-    n_kv, capacity = keys.shape[1], keys.shape[2]
     native = _native()
-    if native is None:
+    if native is None or x.dim() != 3 or keys.dim() != 4:
         return None
     lib, limits = native
+    batch, n_new, d_model = x.shape
+    n_kv, capacity = keys.shape[1], keys.shape[2]
     if n_new != 1 or not 0 < batch <= limits.max_rows or not 0 <= first <= pos < capacity:
         return None
-    if n_heads % n_kv or n_heads // n_kv > limits.attention_max_group:
+    if (d_model, n_kv, d_head, n_heads) != prepared[:4]:
         return None
-    if d_head > limits.attention_max_d_head:
-        return None
-    w = weights
-    if w.w_qkv is None or w.w_o is None or w.w_in is None or w.w_out is None:
-        return None
-    qkv_io, in_io, out_io = _in_out(w.w_qkv), _in_out(w.w_in), _in_out(w.w_out)
-    if qkv_io is None or in_io is None or out_io is None:
-        return None
-    if kind.act is not None and kind.act not in ACTIVATIONS.values():
-        return None
-    width, q_width = qkv_io[1], n_heads * d_head
-    d_mlp, in_width = out_io[0], in_io[1]
-    gated = kind.act is None
-    if width != (n_heads + 2 * n_kv) * d_head or in_width != (2 * d_mlp if gated else d_mlp):
-        return None
-    norm_bias = (d_model,) if kind.layer_norm else None
     cache_shape = (batch, n_kv, capacity, d_head)
-    if not (
-        _ok(x, (batch, 1, d_model))
-        and _ok(keys, cache_shape)
-        and _ok(values, cache_shape)
-        and _ok(w.ln1_w, (d_model,))
-        and _ok(w.ln2_w, (d_model,))
-        and _bias_ok(w.ln1_b, norm_bias)
-        and _bias_ok(w.ln2_b, norm_bias)
-        and _ok(w.b_qkv, (width,), optional=True)
-        and _ok(w.b_o, (d_model,), optional=True)
-        and _ok(w.b_in, (in_width,), optional=True)
-        and _ok(w.b_out, (d_model,), optional=True)
-    ):
+    if not (_ok(x, (batch, 1, d_model)) and _ok(keys, cache_shape) and _ok(values, cache_shape)):
         return None
-    matrices = (
-        _matrix(w.w_qkv, d_model, width),
-        _matrix(w.w_o, q_width, d_model),
-        _matrix(w.w_in, d_model, in_width),
-        _matrix(w.w_out, d_mlp, d_model),
-    )
-    if any(m is None for m in matrices):
-        return None
-    (a_qkv, q_qkv), (a_o, q_o), (a_in, q_in), (a_out, q_out) = matrices  # type: ignore[misc]
     if mask is not None and (
         mask.dtype is not torch.bool
         or tuple(mask.shape) != (batch, 1, 1, pos + 1)
@@ -267,25 +326,17 @@ def decode_layer(
         layer.cos, layer.sin, layer.adjacent = cos.data_ptr(), sin.data_ptr(), int(adjacent)
     else:
         layer.cos = layer.sin = None
+    for name, value in prepared.fields.items():
+        setattr(layer, name, value)
     out = torch.empty((batch, 1, d_model), dtype=_F32)
-    layer.rows, layer.d_model, layer.n_heads, layer.n_kv = batch, d_model, n_heads, n_kv
     # The kernel sees the storage from position `first` on: it writes the new key at its
     # position `pos - first` (absolute `pos`) and attends to its positions 0..pos - first.
-    layer.d_head, layer.d_mlp, layer.rotary_half, layer.pos = d_head, d_mlp, half, pos - first
+    layer.rows, layer.rotary_half, layer.pos = batch, half, pos - first
     layer.s_b, layer.s_h, layer.s_p = keys.stride(0), keys.stride(1), keys.stride(2)
     layer.ms_b = 0 if mask is None else mask.stride(0)
-    layer.cos_row, layer.eps = cos_row, kind.eps
-    layer.scale = scale
-    layer.layer_norm, layer.parallel = int(kind.layer_norm), int(kind.parallel)
-    layer.gated, layer.act = int(gated), kind.act or 0
+    layer.cos_row, layer.scale = cos_row, scale
     layer.threads = torch.get_num_threads()
     layer.x, layer.out = x.data_ptr(), out.data_ptr()
-    layer.ln1_w, layer.ln2_w = _address(w.ln1_w), _address(w.ln2_w)
-    layer.ln1_b, layer.ln2_b = _address(w.ln1_b), _address(w.ln2_b)
-    layer.w_qkv, layer.w_o, layer.w_in, layer.w_out = a_qkv, a_o, a_in, a_out
-    layer.q_qkv, layer.q_o, layer.q_in, layer.q_out = q_qkv, q_o, q_in, q_out
-    layer.b_qkv, layer.b_o = _address(w.b_qkv), _address(w.b_o)
-    layer.b_in, layer.b_out = _address(w.b_in), _address(w.b_out)
     skip = first * keys.stride(2) * keys.element_size()
     layer.k_cache, layer.v_cache = keys.data_ptr() + skip, values.data_ptr() + skip
     layer.mask = None if mask is None else mask.data_ptr() + first * mask.stride(-1)

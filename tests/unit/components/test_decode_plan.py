@@ -113,6 +113,28 @@ def test_a_replaced_parameter_or_submodule_is_what_runs(counts) -> None:
     assert torch.allclose(steps(model), uncached(model), atol=1e-4)
 
 
+def test_weights_swapped_under_the_plan_are_what_runs(counts) -> None:
+    """The plan checks its weights once; a ``.data`` swap (no structural change) or gradients
+    asked of a weight make the native layer decline, never read the old memory."""
+    model = tiny()
+    steps(model)
+    mlp = model.blocks[0].mlp
+    mlp.W_gate_in.data = mlp.W_gate_in.data * 1.5
+    counts["native"].clear()
+    assert torch.allclose(steps(model), uncached(model), atol=1e-4)
+    assert counts["native"] == [False, True] * 5  # block 0 declined, block 1 ran
+    model.blocks[1].attn.W_O_flat.requires_grad_(True)
+    counts["native"].clear()
+    with torch.enable_grad():
+        gen = torch.Generator().manual_seed(0)
+        tokens = torch.randint(0, model.cfg.d_vocab, (2, 5), generator=gen)
+        cache = KeyValueCache.init_cache(model.cfg, None, 2)
+        model(tokens[:, :4], past_kv_cache=cache)
+        model(tokens[:, 4:], past_kv_cache=cache).sum().backward()
+    assert counts["native"] == [False, False]
+    assert model.blocks[1].attn.W_O_flat.grad is not None
+
+
 def test_an_attribute_change_reaches_the_plan() -> None:
     model = tiny()
     for block in model.blocks:
