@@ -222,3 +222,17 @@ def test_state_dict_round_trip_between_quantized_models() -> None:
     assert not torch.equal(other(tokens), quantized(tokens))
     other.load_state_dict(quantized.state_dict())
     assert torch.equal(other(tokens), quantized(tokens))
+
+
+def test_without_native_kernels_torch_computes_the_same(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No library (no compiler, or KVLENS_NATIVE=0): the blocks are dequantized by gguf's
+    reference and multiplied by torch, the same model."""
+    quantized, dense = pair("llama")
+    tokens = tokens_for(12, 2, 6)
+    options = dict(max_new_tokens=6, do_sample=False, stop_at_eos=False, verbose=False)
+    want = quantized.generate(tokens, **options)
+    logits = quantized(tokens)
+    monkeypatch.setitem(build._state, "lib", None)
+    assert torch.equal(quantized.generate(tokens, **options), want)
+    same(quantized(tokens), logits)
+    assert torch.equal(quantized.blocks[0].attn.W_QKV, dense.blocks[0].attn.W_QKV)
