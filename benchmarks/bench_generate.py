@@ -50,8 +50,8 @@ import torch
 
 import floor
 import render_generate
-from generate_harness import PREFIX
 from model_shapes import SHAPES
+from worker_process import PREFIX
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent

@@ -58,9 +58,9 @@ from typing import Any
 import torch
 
 from bench_generate import command_line, cpu_model, git_revision, warn_if_busy
-from generate_harness import PREFIX
 from interp_harness import SCENARIOS
 from model_shapes import SHAPES
+from worker_process import PREFIX
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent

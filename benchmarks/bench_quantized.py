@@ -59,8 +59,8 @@ import torch
 
 import floor
 from bench_generate import cpu_model
-from generate_harness import PREFIX
 from kvlens.loading.gguf import default_gguf_path
+from worker_process import PREFIX
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent

@@ -50,7 +50,8 @@ from torch import Tensor
 from kvlens import HookedTransformer, KeyValueCache, KeyValueCacheEntry, ModelConfig
 from kvlens.cache.shared import SharedPrefixCache
 from kvlens.generate import decode_step, last_position_logits
-from shared_prefix_harness import PREFIX, SMOLLM2, Run, stamps_to_run, worker_main
+from shared_prefix_harness import SMOLLM2, Run, stamps_to_run, worker_main
+from worker_process import PREFIX
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUTPUT = HERE / "results" / "shared_prefix.json"

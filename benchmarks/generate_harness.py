@@ -30,8 +30,6 @@ can also be taken at the rate measured beside it.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import gc
 import json
 import signal
 import statistics
@@ -39,13 +37,13 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import torch
 from torch import Tensor, nn
 
-PREFIX = "@bench "
+from worker_process import emit, release_memory, reset_peak_rss, status_mb
+
 WARMUP_PROMPT = 16
 WARMUP_TOKENS = 4
 
@@ -106,11 +104,6 @@ def time_limit(seconds: float) -> Iterator[None]:
         signal.signal(signal.SIGALRM, previous)
 
 
-def emit(kind: str, **fields: Any) -> None:
-    """Print one record for the orchestrator."""
-    print(PREFIX + json.dumps({"kind": kind, **fields}), flush=True)
-
-
 def prompt_tokens(d_vocab: int, batch: int, length: int, seed: int) -> Tensor:
     """Random token ids ``[batch, length]`` (the speed does not depend on which)."""
     gen = torch.Generator().manual_seed(seed)
@@ -131,33 +124,6 @@ def module_info(model: nn.Module) -> dict[str, Any]:
             seen.add(b.data_ptr())
             buffer_bytes += b.numel() * b.element_size()
     return {"n_params": n_params, "weights_mb": param_bytes / 1e6, "buffers_mb": buffer_bytes / 1e6}
-
-
-def status_mb(name: str) -> float | None:
-    """A ``/proc/self/status`` memory field (``VmRSS``, ``VmHWM``) in MB, None off Linux."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(name + ":"):
-                return int(line.split()[1]) * 1024 / 1e6
-    except OSError:
-        pass
-    return None
-
-
-def release_memory() -> None:
-    """Collect garbage and return the allocator's free pages to the system."""
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
-def reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS counter (``VmHWM``) to the current RSS; False if impossible."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return True
 
 
 def timed_run(system: System, tokens: Tensor, n: int) -> Timing:

@@ -22,21 +22,17 @@ holds at the end of a run, counted from its tensors.
 
 from __future__ import annotations
 
-import ctypes
-import gc
 import itertools
-import json
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
-PREFIX = "@bench "
+from worker_process import emit, release_memory, reset_peak_rss, status_mb
 
 # SmolLM2-135M's shape: 30 layers, d_model 576, 9 query heads over 3 key/value heads.
 SMOLLM2 = {
@@ -92,40 +88,6 @@ def tensor_mb(tensors: Any) -> float:
     for t in tensors:
         seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
     return sum(seen.values()) / 1e6
-
-
-def emit(kind: str, **fields: Any) -> None:
-    """Print one record for the orchestrator."""
-    print(PREFIX + json.dumps({"kind": kind, **fields}), flush=True)
-
-
-def status_mb(name: str) -> float | None:
-    """A ``/proc/self/status`` field (``VmRSS``, ``VmHWM``) in MB; None where there is none."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(name + ":"):
-                return int(line.split()[1]) * 1024 / 1e6
-    except OSError:
-        return None
-    return None
-
-
-def reset_peak_rss() -> bool:
-    """Set the kernel's peak-RSS counter to the current RSS; False where that is impossible."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return True
-
-
-def release_memory() -> None:
-    """Collect garbage and hand the allocator's free pages back to the system."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        return
 
 
 def random_tokens(d_vocab: int, batch: int, length: int, seed: int) -> Tensor:

@@ -30,9 +30,6 @@ The spec: ``model`` (the GGUF path), ``threads``, ``prompt`` (token ids), ``new_
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import gc
 import json
 import statistics
 import sys
@@ -44,31 +41,10 @@ from typing import Any
 import llama_cpp
 import numpy as np
 
-PREFIX = "@bench "
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from worker_process import emit, release_memory, status_mb
+
 WARMUP_TOKENS = 4
-
-
-def emit(kind: str, **fields: Any) -> None:
-    """Print one record for the orchestrator."""
-    print(PREFIX + json.dumps({"kind": kind, **fields}), flush=True)
-
-
-def status_mb(name: str) -> float | None:
-    """A ``/proc/self/status`` memory field (``VmRSS``, ``VmHWM``) in MB, None off Linux."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(name + ":"):
-                return int(line.split()[1]) * 1024 / 1e6
-    except OSError:
-        pass
-    return None
-
-
-def release_memory() -> None:
-    """Collect garbage and return the allocator's free pages to the system."""
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def load(spec: dict[str, Any]) -> llama_cpp.Llama:
