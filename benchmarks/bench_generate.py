@@ -50,8 +50,8 @@ import torch
 
 import floor
 import render_generate
+import worker_process
 from model_shapes import SHAPES
-from worker_process import PREFIX
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -174,38 +174,18 @@ def run_worker(
     ``extra_env`` is added to the worker's environment (e.g. ``PYTHONPATH`` naming another
     kvlens source tree, as ``bench_baseline.py`` does).
     """
-    threads = str(spec["threads"])
-    env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, **(extra_env or {}))
-    env.update(TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     # Every configuration and sweep point is cut inside the worker; this only catches a hang.
     timeout = 300 + spec["config_timeout_s"] * (len(spec["grid"]) + len(spec["contexts"]))
-    start = time.perf_counter()
-    status, stderr = "ok", ""
-    try:
-        proc = subprocess.run(
-            worker_command(spec, peer_python),
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            env=env,
-            check=False,
-        )
-        stdout, stderr = proc.stdout, proc.stderr
-        if proc.returncode != 0:
-            status = f"error: exit {proc.returncode}"
-            print(stderr[-2000:], file=sys.stderr)
-    except subprocess.TimeoutExpired as exc:
-        out = exc.stdout or b""  # what the worker printed before it was killed is kept
-        stdout = out.decode(errors="replace") if isinstance(out, bytes) else out
-        status = f"killed after {timeout:.0f} s"
+    command = worker_command(spec, peer_python)
+    run = worker_process.run_worker(command, spec["threads"], timeout, extra_env)
+    if run["status"].startswith("error"):
+        print(run["stderr"][-2000:], file=sys.stderr)
     records: dict[str, list[dict[str, Any]]] = {}
-    for line in stdout.splitlines():
-        if line.startswith(PREFIX):
-            record = json.loads(line[len(PREFIX) :])
-            records.setdefault(record.pop("kind"), []).append(record)
-    worker = {"status": status, "wall_s": time.perf_counter() - start, "records": records}
-    if status != "ok":
-        worker["stderr_tail"] = stderr[-2000:]
+    for record in run["records"]:
+        records.setdefault(record.pop("kind"), []).append(record)
+    worker = {"status": run["status"], "wall_s": run["wall_s"], "records": records}
+    if run["status"] != "ok":
+        worker["stderr_tail"] = run["stderr"][-2000:]
     return worker
 
 

@@ -48,7 +48,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -57,10 +56,10 @@ from typing import Any
 
 import torch
 
+import worker_process
 from bench_generate import command_line, cpu_model, git_revision, warn_if_busy
 from interp_harness import SCENARIOS
 from model_shapes import SHAPES
-from worker_process import PREFIX
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -250,46 +249,25 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     """Run one worker; its ``info`` and ``result`` records, its status and wall time."""
     system = spec["system"]
     script = HERE / ("interp_kvlens.py" if system == "kvlens" else "peers/interp_peer.py")
-    threads = str(spec["threads"])
-    env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
-    env.update(TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    env.update(TQDM_DISABLE="1", TRANSFORMERS_VERBOSITY="error", PYTHONWARNINGS="ignore")
-    start = time.perf_counter()
-    status, stdout, stderr = "ok", "", ""
-    try:
-        proc = subprocess.run(
-            [str(python_of(system)), str(script), json.dumps(spec)],
-            capture_output=True,
-            text=True,
-            timeout=spec["timeout_s"] + 300,
-            env=env,
-            check=False,
-            cwd=HERE,
-        )
-        stdout, stderr = proc.stdout, proc.stderr
-        if proc.returncode != 0:
-            status = f"error: exit {proc.returncode}"
-    except subprocess.TimeoutExpired as exc:
-        out = exc.stdout or b""
-        stdout = out.decode(errors="replace") if isinstance(out, bytes) else out
+    quiet = dict(TQDM_DISABLE="1", TRANSFORMERS_VERBOSITY="error", PYTHONWARNINGS="ignore")
+    command = [str(python_of(system)), str(script), json.dumps(spec)]
+    run = worker_process.run_worker(command, spec["threads"], spec["timeout_s"] + 300, quiet)
+    status = run["status"]
+    if status.startswith("killed"):
         status = "killed after the worker's time limit"
-    records: dict[str, dict[str, Any]] = {}
-    for line in stdout.splitlines():
-        if line.startswith(PREFIX):
-            record = json.loads(line[len(PREFIX) :])
-            records[record.pop("kind")] = record
+    records = {record.pop("kind"): record for record in run["records"]}
     row = {
         "system": system,
         "scenario": spec["scenario"],
         "batch": spec["batch"],
         "worker_status": status,
-        "wall_s": time.perf_counter() - start,
+        "wall_s": run["wall_s"],
         "info": records.get("info", {}),
         **records.get("result", {"status": "no result: " + status}),
         "loadavg_1m_after": os.getloadavg()[0],
     }
     if status != "ok" or "result" not in records:
-        row["stderr_tail"] = stderr[-3000:]
+        row["stderr_tail"] = run["stderr"][-3000:]
     return row
 
 

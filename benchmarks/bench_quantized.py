@@ -44,13 +44,10 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import platform
 import random
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -58,9 +55,9 @@ import gguf
 import torch
 
 import floor
+import worker_process
 from bench_generate import cpu_model
 from kvlens.loading.gguf import default_gguf_path
-from worker_process import PREFIX
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -152,35 +149,14 @@ def worker_command(spec: dict[str, Any], peer_python: Path) -> list[str]:
 
 def run_worker(spec: dict[str, Any], peer_python: Path, timeout: float) -> dict[str, Any]:
     """Run one worker: its records grouped by kind, its status, its wall time."""
-    threads = str(spec["threads"])
-    env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
-    env.update(TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
-    start, status, stdout, stderr = time.perf_counter(), "ok", "", ""
-    try:
-        proc = subprocess.run(
-            worker_command(spec, peer_python),
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            env=env,
-            cwd=HERE,
-            check=False,
-        )
-        stdout, stderr = proc.stdout, proc.stderr
-        if proc.returncode != 0:
-            status = f"error: exit {proc.returncode}"
-    except subprocess.TimeoutExpired:
-        status = f"killed after {timeout:.0f} s"
+    run = worker_process.run_worker(worker_command(spec, peer_python), spec["threads"], timeout)
     records: dict[str, list[dict[str, Any]]] = {}
-    for line in stdout.splitlines():
-        if line.startswith(PREFIX):
-            record = json.loads(line[len(PREFIX) :])
-            records.setdefault(record.pop("kind"), []).append(record)
-    if "unavailable" in records:
-        status = "unavailable"
-    worker = {"status": status, "wall_s": time.perf_counter() - start, "records": records}
+    for record in run["records"]:
+        records.setdefault(record.pop("kind"), []).append(record)
+    status = "unavailable" if "unavailable" in records else run["status"]
+    worker = {"status": status, "wall_s": run["wall_s"], "records": records}
     if status != "ok":
-        worker["stderr_tail"] = stderr[-2000:]
+        worker["stderr_tail"] = run["stderr"][-2000:]
     return worker
 
 
