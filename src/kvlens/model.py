@@ -132,6 +132,7 @@ class HookedTransformer(
         weights' dtype and device. A model split over ``cfg.n_devices`` devices is spread again
         from its new first device.
         """
+        self.check_move(fn)
         super()._apply(fn, recurse)
         self._fingerprint = None
         # A float parameter on block 0's device: W_E, or block 0's first when W_E is quantized.

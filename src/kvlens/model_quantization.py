@@ -136,6 +136,18 @@ class QuantizationMixin:
                 module.dequantize_weight_(name)
         self._fingerprint = None
 
+    def check_move(self, fn: Any) -> None:
+        """Refuse a cast or move (``fn``, as ``nn.Module._apply`` gets it) that a quantized
+        model cannot follow, before anything moves: its blocks compute in float32 on the CPU."""
+        if not self.is_quantized:
+            return
+        probe = fn(torch.zeros(1))
+        if probe.dtype != torch.float32 or probe.device.type != "cpu":
+            raise ValueError(
+                f"this model holds quantized blocks, which compute in float32 on the CPU; it "
+                f"cannot become {probe.dtype} on {probe.device} (call dequantize_() first)"
+            )
+
     def _weights_to_fingerprint(self) -> Iterator[tuple[str, Tensor]]:
         """Every parameter, and every matrix's blocks, by name."""
         yield from self.named_parameters()  # type: ignore[attr-defined]

@@ -236,3 +236,17 @@ def test_without_native_kernels_torch_computes_the_same(monkeypatch: pytest.Monk
     assert torch.equal(quantized.generate(tokens, **options), want)
     same(quantized(tokens), logits)
     assert torch.equal(quantized.blocks[0].attn.W_QKV, dense.blocks[0].attn.W_QKV)
+
+
+def test_casts_and_moves_the_blocks_cannot_follow_are_refused_before_any_change() -> None:
+    quantized, _ = pair("gpt2")
+    model = copy.deepcopy(quantized)
+    tokens = tokens_for(3, 1, 5)
+    before = model(tokens)
+    for cast in (model.half, model.bfloat16, lambda: model.to("meta")):
+        with pytest.raises(ValueError, match="compute in float32 on the CPU"):
+            cast()
+    assert model.cfg.dtype == torch.float32
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    model.to("cpu").float()
+    assert torch.equal(model(tokens), before)
