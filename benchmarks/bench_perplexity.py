@@ -55,7 +55,10 @@ def main() -> None:
                 "perplexity": value,
                 "change_pct": 100 * (value / base - 1),
                 "top1_agreement": agree,
-                "megabytes": sum(m.nbytes for m in set(model.quantized_weights.values())) / 1e6,
+                "megabytes": sum(
+                    {id(m.blocks): m.nbytes for m in model.quantized_weights.values()}.values()
+                )
+                / 1e6,
             }
         )
     record = {

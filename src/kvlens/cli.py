@@ -126,7 +126,7 @@ def _load(args: argparse.Namespace) -> HookedTransformer:
     if quantized is None:  # GGUF models run on their blocks unless told otherwise
         from kvlens.loading.pretrained import is_gguf_model
 
-        quantized = is_gguf_model(args.model)
+        quantized = is_gguf_model(args.model, progress=not args.quiet)
     return HookedTransformer.from_pretrained(
         args.model, progress=not args.quiet, quantized=quantized
     )

@@ -9,6 +9,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
+from kvlens import structure
 from kvlens.cache.cache import KeyValueCache
 from kvlens.cache.shared import SharedPrefixCache, share_frozen_prefix
 from kvlens.components.block import TransformerBlock
@@ -134,6 +135,7 @@ class HookedTransformer(
         """
         self.check_move(fn)
         super()._apply(fn, recurse)
+        structure.changed()  # tensors may have been replaced: decode plans take them anew
         self._fingerprint = None
         # A float parameter on block 0's device: W_E, or block 0's first when W_E is quantized.
         weight = next(p for p in self.parameters() if p.is_floating_point())
@@ -152,6 +154,7 @@ class HookedTransformer(
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
         """``nn.Module.load_state_dict``; the weights' fingerprint is computed anew after it."""
         result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        structure.changed()  # with assign=True tensors were replaced: decode plans take them anew
         self._fingerprint = None
         return result
 

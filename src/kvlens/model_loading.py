@@ -125,10 +125,12 @@ class LoadingMixin:
                 "as the file's blocks; load without quantized=True to process the weights"
             )
         if quantize is not None:
-            from kvlens.model_quantization import FORMATS
+            from kvlens.loading.pretrained import parse_dtype
+            from kvlens.model_quantization import FORMATS, require_fp32_cpu
 
             if quantize not in FORMATS:
                 raise ValueError(f"quantize must be one of {FORMATS}, got {quantize!r}")
+            require_fp32_cpu(parse_dtype(dtype), device, n_devices)
         model = load_pretrained(
             model_name, dtype=dtype, device=device, progress=progress, n_devices=n_devices,
             quantized=quantized,

@@ -26,6 +26,21 @@ FORMATS = ("q4_0", "q4_1", "q8_0")
 """The block formats a model's matrices can be held in."""
 
 
+def require_fp32_cpu(dtype: torch.dtype, device: Any, n_devices: int = 1) -> None:
+    """Refuse a model quantized weights cannot serve: blocks compute in float32, on the CPU,
+    on one device.
+
+    Raises:
+        ValueError: naming what is not so.
+    """
+    where = torch.device(device) if device is not None else torch.device("cpu")
+    if dtype != torch.float32 or where.type != "cpu" or n_devices != 1:
+        raise ValueError(
+            "quantized weights compute in float32 on the CPU, on one device; got "
+            f"dtype={dtype}, device={where}, n_devices={n_devices}"
+        )
+
+
 def matrices(model: Any) -> Iterator[tuple[str, Quantizable, str, bool]]:
     """``(full name, module, parameter name, transposed)`` of every matrix that may be held
     as blocks, the embedding first and the unembedding last. ``transposed``: the blocks are
@@ -70,8 +85,8 @@ class QuantizationMixin:
         by_format: dict[str, list[QuantizedMatrix]] = {}
         seen: set[int] = set()
         for matrix in held.values():
-            if id(matrix) not in seen:  # tied embedding and unembedding: one set of blocks
-                seen.add(id(matrix))
+            if id(matrix.blocks) not in seen:  # tied embedding and unembedding: one set
+                seen.add(id(matrix.blocks))
                 by_format.setdefault(matrix.fmt, []).append(matrix)
         for fmt, group in sorted(by_format.items()):
             mb = sum(m.nbytes for m in group) / 1e6
@@ -111,6 +126,9 @@ class QuantizationMixin:
             raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
         if self.is_quantized:
             raise ValueError("the model already holds quantized weights; call dequantize_() first")
+        weights = list(self.parameters())  # type: ignore[attr-defined]
+        for param in weights:
+            require_fp32_cpu(param.dtype, param.device, self.cfg.n_devices)
         todo = list(matrices(self))
         embed: tuple[Tensor, QuantizedMatrix] | None = None  # the fp32 embedding, its blocks
         for full, module, name, transposed in tqdm(
@@ -141,12 +159,13 @@ class QuantizationMixin:
         model cannot follow, before anything moves: its blocks compute in float32 on the CPU."""
         if not self.is_quantized:
             return
-        probe = fn(torch.zeros(1))
-        if probe.dtype != torch.float32 or probe.device.type != "cpu":
+        floats, blocks = fn(torch.zeros(1)), fn(torch.zeros(1, dtype=torch.uint8))
+        if blocks.dtype != torch.uint8 or blocks.device.type != "cpu":
             raise ValueError(
-                f"this model holds quantized blocks, which compute in float32 on the CPU; it "
-                f"cannot become {probe.dtype} on {probe.device} (call dequantize_() first)"
+                f"this model holds quantized blocks, which stay uint8 on the CPU; this cast or "
+                f"move would make them {blocks.dtype} on {blocks.device} (dequantize_() first)"
             )
+        require_fp32_cpu(floats.dtype, floats.device)  # the blocks' products
 
     def _weights_to_fingerprint(self) -> Iterator[tuple[str, Tensor]]:
         """Every parameter, and every matrix's blocks, by name."""

@@ -199,7 +199,7 @@ def test_a_tied_unembedding_shares_the_embedding_blocks() -> None:
     model = HookedTransformer.from_hf_model(make_hf_model("qwen2", intermediate_size=64))
     model.quantize_("q4_0")
     held = model.quantized_weights
-    assert held["unembed.W_U"] is held["embed.W_E"]
+    assert held["unembed.W_U"].blocks is held["embed.W_E"].blocks
     assert any(line.startswith("q4_0: 9 matrices") for line in model.quantization_summary())
     with pytest.raises(IndexError, match=r"row indices must be in \[0, 97\), got 1\.\.97"):
         model.embed(torch.tensor([[1, 97]]))
@@ -244,9 +244,49 @@ def test_casts_and_moves_the_blocks_cannot_follow_are_refused_before_any_change(
     tokens = tokens_for(3, 1, 5)
     before = model(tokens)
     for cast in (model.half, model.bfloat16, lambda: model.to("meta")):
-        with pytest.raises(ValueError, match="compute in float32 on the CPU"):
+        with pytest.raises(ValueError, match=r"(compute in float32|stay uint8) on the CPU"):
             cast()
     assert model.cfg.dtype == torch.float32
     assert all(p.dtype == torch.float32 for p in model.parameters())
     model.to("cpu").float()
     assert torch.equal(model(tokens), before)
+
+
+def test_load_state_dict_reaches_every_product_in_place_or_assigned() -> None:
+    source, _ = pair("llama")
+    tokens = tokens_for(13, 2, 6)
+    want = source(tokens)
+    for assign in (False, True):
+        model = HookedTransformer.from_hf_model(
+            make_hf_model("llama", seed=2, intermediate_size=64)
+        )
+        model.quantize_("q8_0")
+        model(tokens)  # plans built on the old blocks
+        model.load_state_dict(copy.deepcopy(source.state_dict()), assign=assign)
+        assert torch.equal(model(tokens), want)
+        assert torch.equal(model.blocks[0].attn.W_QKV, source.blocks[0].attn.W_QKV)
+        options = dict(max_new_tokens=5, do_sample=False, stop_at_eos=False, verbose=False)
+        assert torch.equal(model.generate(tokens, **options), source.generate(tokens, **options))
+
+
+def test_more_writes_are_refused() -> None:
+    quantized, _ = pair("llama")
+    w = quantized.blocks[0].mlp.W_out
+    for write in (
+        lambda: torch.nn.functional.relu(w, inplace=True),
+        lambda: w.requires_grad_(True),  # a gradient would never reach the blocks
+        lambda: torch.max(torch.ones(3, 4), 0, out=(w[:1, 0], torch.zeros(1, dtype=torch.long))),
+    ):
+        with pytest.raises(QuantizedWeightError):
+            write()
+
+
+def test_bad_models_and_casts_for_quantizing_are_refused() -> None:
+    bf16 = HookedTransformer.from_hf_model(make_hf_model("llama"), dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"float32 on the CPU.*dtype=torch\.bfloat16"):
+        bf16.quantize_("q8_0")
+    assert not bf16.is_quantized
+    quantized = copy.deepcopy(pair("llama")[0])
+    with pytest.raises(ValueError, match="stay uint8 on the CPU"):
+        quantized.type(torch.float32)
+    assert quantized.state_dict()["blocks.0.attn.W_QKV_blocks"].dtype == torch.uint8

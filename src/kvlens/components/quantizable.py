@@ -11,7 +11,11 @@ Reading the parameter's name still works: ``attn.W_QKV`` (and everything built o
 each read, as a :class:`ReadOnlyWeight`. Writing is refused with an error that says how to get
 an fp32 model: assigning the attribute, and any in-place operation on the tensor read or on a
 view of it. The blocks are the module's buffer ``<name>_blocks`` (so ``state_dict`` holds
-them, not an fp32 copy).
+them, not an fp32 copy, and ``load_state_dict`` loads them).
+
+The quantized matrices are not parameters: ``model.parameters()`` leaves them out, and no
+gradient reaches them (``requires_grad_`` on a read weight is refused too). Gradients with
+respect to activations flow as in the fp32 model.
 """
 
 from __future__ import annotations
@@ -40,13 +44,14 @@ class QuantizedWeightError(RuntimeError):
 
 
 def refuse_write(what: str) -> QuantizedWeightError:
+    """The error for a write to ``what``, a weight held as blocks, saying how to get fp32."""
     return QuantizedWeightError(
         f"{what} is held as quantized blocks and cannot be written: " + _FP32_HINT
     )
 
 
 # Tensor methods whose name ends in "_" that do not write the tensor's values.
-_HARMLESS = {"requires_grad_", "share_memory_", "retain_grad", "detach_"}
+_HARMLESS = {"share_memory_", "retain_grad", "detach_"}
 _IN_PLACE_DUNDERS = {
     "__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__",
     "__imod__", "__ipow__", "__iand__", "__ior__", "__ixor__", "__ilshift__", "__irshift__",
@@ -55,12 +60,19 @@ _IN_PLACE_DUNDERS = {
 
 
 def _writes(func: Any, kwargs: dict[str, Any]) -> bool:
+    """Whether a torch function call writes its first tensor or an ``out`` tensor: an in-place
+    method (a name ending in one ``_``, an in-place operator), ``inplace=True`` (``F.relu``'s),
+    or ``out=`` naming a read weight (alone or in a tuple)."""
     name = getattr(func, "__name__", "")
     if name in _IN_PLACE_DUNDERS:
         return True
     if name.endswith("_") and not name.endswith("__") and name not in _HARMLESS:
         return True
-    return isinstance(kwargs.get("out"), ReadOnlyWeight)
+    if kwargs.get("inplace"):
+        return True
+    out = kwargs.get("out")
+    outs = out if isinstance(out, (tuple, list)) else (out,)
+    return any(isinstance(t, ReadOnlyWeight) for t in outs)
 
 
 class ReadOnlyWeight(Tensor):
@@ -96,8 +108,7 @@ class ReadOnlyWeight(Tensor):
         target = args[0] if args else next(iter(kwargs.values()), None)
         source = target if isinstance(target, ReadOnlyWeight) else None
         if _writes(func, kwargs) and (source is not None or "out" in kwargs):
-            what = source._kvlens_what if source is not None else kwargs["out"]._kvlens_what
-            raise refuse_write(what)
+            raise refuse_write(source._kvlens_what if source is not None else "a weight")
         with torch._C.DisableTorchFunctionSubclass():
             out = func(*args, **kwargs)
         if isinstance(out, Tensor) and source is not None and _shares_storage(out, source):
@@ -112,22 +123,21 @@ def _shares_storage(a: Tensor, b: Tensor) -> bool:
         return False
 
 
-@dataclass
+@dataclass(frozen=True)
 class QuantizedWeight:
-    """A module's quantized matrix: the blocks, and how they read as the parameter.
+    """How a module's buffer ``<name>_blocks`` reads as its parameter ``name``.
 
-    ``transposed``: the parameter is ``matrix.dequantize().T`` (a projection, kvlens's
-    ``[in, out]`` beside the blocks' ``[out, in]``), else ``matrix.dequantize()`` (the
-    embedding, one block row per token).
+    ``transposed``: the parameter is the blocks' dequantization transposed (a projection,
+    kvlens's ``[in, out]`` beside the blocks' ``[out, in]``), else the dequantization itself (the
+    embedding, one block row per token). The buffer is the one place the blocks are held: a
+    :class:`QuantizedMatrix` is made from it at each use, so ``load_state_dict`` (in place or
+    ``assign=True``) and moves reach every product.
     """
 
-    matrix: QuantizedMatrix
+    fmt: str
+    d_in: int
     transposed: bool
     what: str
-
-    def read(self) -> ReadOnlyWeight:
-        dense = self.matrix.dequantize()
-        return ReadOnlyWeight.of(dense.T.contiguous() if self.transposed else dense, self.what)
 
 
 class Quantizable(WatchedModule):
@@ -139,11 +149,22 @@ class Quantizable(WatchedModule):
         super().__init__()
         self._quantized = {}
 
+    def _matrix(self, name: str) -> QuantizedMatrix:
+        held = self._quantized[name]
+        blocks = self._buffers.get(f"{name}_blocks")
+        if blocks is None:
+            raise QuantizedWeightError(f"{held.what}: its blocks buffer {name}_blocks is gone")
+        return QuantizedMatrix(blocks, held.d_in, held.fmt)
+
+    def _read(self, name: str) -> ReadOnlyWeight:
+        dense = self._matrix(name).dequantize()
+        held = self._quantized[name]
+        return ReadOnlyWeight.of(dense.T.contiguous() if held.transposed else dense, held.what)
+
     def stored_weight(self, name: str) -> Tensor | QuantizedMatrix:
         """The weight as it is held: the fp32 parameter, or its :class:`QuantizedMatrix`
         (``[out, in]`` for a projection, so ``linear`` computes ``x @ W``)."""
-        held = self._quantized.get(name)
-        return getattr(self, name) if held is None else held.matrix
+        return self._matrix(name) if name in self._quantized else getattr(self, name)
 
     def weight_dtype(self, name: str) -> torch.dtype:
         """The dtype weight ``name`` reads as (float32 for blocks)."""
@@ -151,8 +172,8 @@ class Quantizable(WatchedModule):
 
     def weight_device(self, name: str) -> torch.device:
         """Where weight ``name`` is held."""
-        held = self._quantized.get(name)
-        return getattr(self, name).device if held is None else held.matrix.blocks.device
+        held = self._buffers.get(f"{name}_blocks") if name in self._quantized else None
+        return getattr(self, name).device if held is None else held.device
 
     def new_zeros(self, name: str, *size: int) -> Tensor:
         """Zeros of ``size`` with the dtype and device of weight ``name`` (without reading it)."""
@@ -161,7 +182,7 @@ class Quantizable(WatchedModule):
     @property
     def quantized_weights(self) -> dict[str, QuantizedMatrix]:
         """This module's quantized matrices by parameter name (empty for an fp32 module)."""
-        return {name: held.matrix for name, held in self._quantized.items()}
+        return {name: self._matrix(name) for name in self._quantized}
 
     def quantize_weight_(
         self, name: str, matrix: QuantizedMatrix, transposed: bool = True, what: str = ""
@@ -185,14 +206,14 @@ class Quantizable(WatchedModule):
             )
         del self._parameters[name]
         self.register_buffer(f"{name}_blocks", matrix.blocks)
-        self._quantized[name] = QuantizedWeight(matrix, transposed, what or name)
+        self._quantized[name] = QuantizedWeight(matrix.fmt, matrix.d_in, transposed, what or name)
         structure.changed()
 
     def dequantize_weight_(self, name: str) -> None:
         """Make quantized ``name`` an fp32 parameter again (its exact dequantization)."""
+        dense = self._matrix(name).dequantize()
         held = self._quantized.pop(name)
         del self._buffers[f"{name}_blocks"]
-        dense = held.matrix.dequantize()
         nn.Module.__setattr__(
             self, name, nn.Parameter(dense.T.contiguous() if held.transposed else dense)
         )
@@ -202,21 +223,12 @@ class Quantizable(WatchedModule):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            held = self.__dict__.get("_quantized", {}).get(name)
-            if held is None:
+            if name not in self.__dict__.get("_quantized", {}):
                 raise
-            return held.read()
+            return self._read(name)
 
     def __setattr__(self, name: str, value: Any) -> None:
         held = self.__dict__.get("_quantized", {}).get(name)
         if held is not None:
             raise refuse_write(held.what)
         super().__setattr__(name, value)
-
-    def _apply(self, fn: Any, recurse: bool = True) -> Quantizable:
-        super()._apply(fn, recurse)
-        for name, held in self._quantized.items():  # a move replaces the buffers
-            blocks = self._buffers[f"{name}_blocks"]
-            assert blocks is not None
-            held.matrix.blocks = blocks
-        return self

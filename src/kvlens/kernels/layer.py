@@ -98,7 +98,7 @@ def _matrix(w: Matrix, d_in: int, d_out: int) -> tuple[int, int] | None:
     """``(address, kind)`` of a matrix the kernel takes as ``d_in -> d_out``: kind 0 for
     contiguous fp32 ``[d_in, d_out]``, ggml's type for blocks ``[d_out, d_in]``; else ``None``."""
     if isinstance(w, Tensor):
-        return (w.data_ptr(), 0) if _ok(w, (d_in, d_out)) else None
+        return (w.data_ptr(), 0) if _fits(w, (d_in, d_out)) else None
     if w.shape != (d_out, d_in) or not blocks_ok(w.blocks, w.qtype, d_in):
         return None
     return w.blocks.data_ptr(), w.qtype
@@ -137,16 +137,22 @@ class LayerKind(NamedTuple):
     eps: float  # both norms'
 
 
-def _ok(t: Tensor | None, shape: tuple[int, ...], optional: bool = False) -> bool:
-    """Contiguous float32 on the CPU of ``shape`` with no gradient to track (or ``None``)."""
+def _fits(t: Tensor | None, shape: tuple[int, ...], optional: bool = False) -> bool:
+    """Contiguous float32 on the CPU of ``shape`` (or ``None``, when ``optional``). A weight's
+    check: whether a gradient is to be tracked is asked per call (``PreparedLayer.current``)."""
     if t is None:
         return optional
-    return _plain(t) and t.is_contiguous() and t.shape == shape
+    return t.dtype is _F32 and t.is_cpu and t.is_contiguous() and t.shape == shape
+
+
+def _ok(t: Tensor | None, shape: tuple[int, ...], optional: bool = False) -> bool:
+    """:func:`_fits`, with no gradient to track (a call's input)."""
+    return _fits(t, shape, optional) and (t is None or _plain(t))
 
 
 def _bias_ok(t: Tensor | None, shape: tuple[int, ...] | None) -> bool:
     """A LayerNorm bias of ``shape`` (required), or none for an RMSNorm (``shape`` None)."""
-    return t is None if shape is None else _ok(t, shape)
+    return t is None if shape is None else _fits(t, shape)
 
 
 def _address(t: Tensor | None) -> int | None:
@@ -163,16 +169,21 @@ class PreparedLayer(NamedTuple):
     d_head: int
     n_heads: int
     tensors: tuple[Tensor, ...]  # every weight tensor (a quantized matrix's blocks)
-    addresses: tuple[int, ...]  # where each of them was when prepared
+    layouts: tuple[tuple[int, tuple[int, ...], tuple[int, ...], torch.dtype], ...]
     fields: dict[str, float | int | None]  # the kvlens_layer fields fixed by the weights
 
     def current(self) -> bool:
-        """The weights are where they were and no gradient is to be tracked through them."""
+        """The weights are as they were (address, shape, strides, dtype: a ``.data`` swap
+        changes one of them) and no gradient is to be tracked through them."""
         grad = torch.is_grad_enabled()
-        for t, at in zip(self.tensors, self.addresses, strict=True):
-            if t.data_ptr() != at or (grad and t.requires_grad):
+        for t, layout in zip(self.tensors, self.layouts, strict=True):
+            if _layout(t) != layout or (grad and t.requires_grad):
                 return False
         return True
+
+
+def _layout(t: Tensor) -> tuple[int, tuple[int, ...], tuple[int, ...], torch.dtype]:
+    return t.data_ptr(), tuple(t.shape), t.stride(), t.dtype
 
 
 def prepare_layer(
@@ -204,14 +215,14 @@ def prepare_layer(
         return None
     norm_bias = (d_model,) if kind.layer_norm else None
     if not (
-        _ok(w.ln1_w, (d_model,))
-        and _ok(w.ln2_w, (d_model,))
+        _fits(w.ln1_w, (d_model,))
+        and _fits(w.ln2_w, (d_model,))
         and _bias_ok(w.ln1_b, norm_bias)
         and _bias_ok(w.ln2_b, norm_bias)
-        and _ok(w.b_qkv, (width,), optional=True)
-        and _ok(w.b_o, (d_model,), optional=True)
-        and _ok(w.b_in, (in_width,), optional=True)
-        and _ok(w.b_out, (d_model,), optional=True)
+        and _fits(w.b_qkv, (width,), optional=True)
+        and _fits(w.b_o, (d_model,), optional=True)
+        and _fits(w.b_in, (in_width,), optional=True)
+        and _fits(w.b_out, (d_model,), optional=True)
     ):
         return None
     matrices = (
@@ -238,8 +249,8 @@ def prepare_layer(
         "b_qkv": _address(w.b_qkv), "b_o": _address(w.b_o),
         "b_in": _address(w.b_in), "b_out": _address(w.b_out),
     }  # fmt: skip
-    addresses = tuple(t.data_ptr() for t in tensors)
-    return PreparedLayer(d_model, n_kv, d_head, n_heads, tensors, addresses, fields)
+    layouts = tuple(_layout(t) for t in tensors)
+    return PreparedLayer(d_model, n_kv, d_head, n_heads, tensors, layouts, fields)
 
 
 def decode_layer(

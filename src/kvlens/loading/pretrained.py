@@ -11,6 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from kvlens.loading.gguf import default_gguf_path
+from kvlens.model_quantization import require_fp32_cpu
 
 if TYPE_CHECKING:
     from kvlens.model import HookedTransformer
@@ -89,11 +90,8 @@ def load_pretrained(
     if isinstance(n_devices, bool) or not isinstance(n_devices, int) or n_devices < 1:
         raise ValueError(f"n_devices must be an int >= 1, got {n_devices!r}")
     dtype = parse_dtype(dtype)
-    if quantized and (dtype != torch.float32 or n_devices != 1 or device not in (None, "cpu")):
-        raise ValueError(
-            "quantized=True computes in float32 on one CPU device; got "
-            f"dtype={dtype}, device={device!r}, n_devices={n_devices}"
-        )
+    if quantized:
+        require_fp32_cpu(dtype, device, n_devices)
     path = resolve_model_path(name_or_path, progress=progress)
     gguf = _gguf_file(path)
     if quantized:
@@ -133,9 +131,10 @@ def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
     return _DTYPE_NAMES[key]
 
 
-def is_gguf_model(name_or_path: str | Path | None) -> bool:
-    """Whether a model name or path (as :func:`load_pretrained` takes it) is a GGUF file."""
-    return _gguf_file(resolve_model_path(name_or_path, progress=False)) is not None
+def is_gguf_model(name_or_path: str | Path | None, progress: bool = True) -> bool:
+    """Whether a model name or path (as :func:`load_pretrained` takes it) is a GGUF file (a
+    repo id not in the Hugging Face cache is downloaded to tell, with ``progress`` bars)."""
+    return _gguf_file(resolve_model_path(name_or_path, progress=progress)) is not None
 
 
 def _gguf_file(path: Path) -> Path | None:

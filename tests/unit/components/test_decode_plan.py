@@ -123,6 +123,11 @@ def test_weights_swapped_under_the_plan_are_what_runs(counts) -> None:
     counts["native"].clear()
     assert torch.allclose(steps(model), uncached(model), atol=1e-4)
     assert counts["native"] == [False, True] * 5  # block 0 declined, block 1 ran
+    out = model.blocks[1].attn.W_O_flat  # square: a transposed view keeps the address
+    out.data = out.data.T
+    counts["native"].clear()
+    assert torch.allclose(steps(model), uncached(model), atol=1e-4)
+    assert counts["native"] == [False, False] * 5
     model.blocks[1].attn.W_O_flat.requires_grad_(True)
     counts["native"].clear()
     with torch.enable_grad():

@@ -23,7 +23,7 @@ def test_gguf_blocks_are_kept_and_run_as_the_fp32_load(tmp_path: Path) -> None:
     fp32 = HookedTransformer.from_pretrained_no_processing(path, progress=False)
     held = quantized.quantized_weights
     assert {m.fmt for m in held.values()} == {"q4_0", "q8_0"}
-    assert held["unembed.W_U"] is held["embed.W_E"]
+    assert held["unembed.W_U"].blocks is held["embed.W_E"].blocks
     assert all(f"blocks.{i}.mlp.W_out" not in held for i in range(N_LAYERS))  # F16 in the file
     assert quantized.dense_file_matrices == tuple(
         f"blk.{i}.ffn_down.weight (F16)" for i in range(N_LAYERS)
@@ -69,7 +69,8 @@ def test_f16_gguf_can_be_quantized_at_load(tmp_path: Path) -> None:
     path = tiny_file(tmp_path / "f16.gguf", tied=True, changes=f16, embed=Q.F16)
     model = HookedTransformer.from_pretrained_no_processing(path, quantize="q8_0", progress=False)
     assert {m.fmt for m in model.quantized_weights.values()} == {"q8_0"}
-    assert model.quantized_weights["unembed.W_U"] is model.quantized_weights["embed.W_E"]
+    held = model.quantized_weights
+    assert held["unembed.W_U"].blocks is held["embed.W_E"].blocks
 
 
 @pytest.mark.parametrize(
@@ -77,8 +78,8 @@ def test_f16_gguf_can_be_quantized_at_load(tmp_path: Path) -> None:
     [
         (dict(quantized=True, quantize="q8_0"), "not both"),
         (dict(quantize="q5_1"), r"quantize must be one of \('q4_0', 'q4_1', 'q8_0'\)"),
-        (dict(quantized=True, dtype="bf16"), "float32 on one CPU device"),
-        (dict(quantized=True, device="meta"), "float32 on one CPU device"),
+        (dict(quantized=True, dtype="bf16"), "compute in float32 on the CPU, on one device"),
+        (dict(quantized=True, device="meta"), "compute in float32 on the CPU, on one device"),
     ],
 )
 def test_impossible_arguments_are_refused(tmp_path: Path, options: dict, message: str) -> None:
