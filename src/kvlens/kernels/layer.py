@@ -298,9 +298,7 @@ def decode_layer(
     """
     if prepared is None:
         prepared = prepare_layer(weights, kind, n_heads, d_head)
-        if prepared is None:
-            return None
-    elif not prepared.current():
+    if prepared is None or not prepared.current():
         return None
     native = _native()
     if native is None or x.dim() != 3 or keys.dim() != 4:
