@@ -43,17 +43,16 @@ def require_fp32_cpu(dtype: torch.dtype, device: Any, n_devices: int = 1) -> Non
 
 def matrices(model: Any) -> Iterator[tuple[str, Quantizable, str, bool]]:
     """``(full name, module, parameter name, transposed)`` of every matrix that may be held
-    as blocks, the embedding first and the unembedding last. ``transposed``: the blocks are
-    ``[out, in]`` of an ``[in, out]`` parameter (every projection; not the embedding)."""
-    yield "embed.W_E", model.embed, "W_E", False
+    as blocks (each module's ``block_matrices``), the embedding first and the unembedding last.
+    ``transposed``: the blocks are ``[out, in]`` of an ``[in, out]`` parameter (every
+    projection; not the embedding). A module replaced by a non-kvlens one has none."""
+    parts = [("embed", model.embed)]
     for i, block in enumerate(model.blocks):
-        yield f"blocks.{i}.attn.W_QKV", block.attn, "W_QKV", True
-        yield f"blocks.{i}.attn.W_O_flat", block.attn, "W_O_flat", True
-        gated = "W_gate_in" in block.mlp._parameters or "W_gate_in" in block.mlp.quantized_weights
-        name = "W_gate_in" if gated else "W_in"
-        yield f"blocks.{i}.mlp.{name}", block.mlp, name, True
-        yield f"blocks.{i}.mlp.W_out", block.mlp, "W_out", True
-    yield "unembed.W_U", model.unembed, "W_U", True
+        parts += [(f"blocks.{i}.attn", block.attn), (f"blocks.{i}.mlp", block.mlp)]
+    parts.append(("unembed", model.unembed))
+    for prefix, module in parts:
+        for name in getattr(module, "block_matrices", ()):
+            yield f"{prefix}.{name}", module, name, module.blocks_transposed
 
 
 class QuantizationMixin:
@@ -105,10 +104,10 @@ class QuantizationMixin:
         """Hold the :class:`QuantizedMatrix` entries of ``state`` (full names, as
         :func:`kvlens.loading.gguf_blocks.quantized_state_dict` gives them) as blocks; the
         other entries are left to ``load_state_dict``."""
-        for full, module, name, transposed in matrices(self):
+        for full, module, name, _ in matrices(self):
             entry = state.get(full)
             if isinstance(entry, QuantizedMatrix):
-                module.quantize_weight_(name, entry, transposed, full)
+                module.quantize_weight_(name, entry, full)
         self._fingerprint = None
 
     def quantize_(self, fmt: str = "q8_0", progress: bool = False) -> None:
@@ -139,10 +138,10 @@ class QuantizationMixin:
             if rows.shape[1] % 32:
                 continue
             if full == "unembed.W_U" and embed is not None and torch.equal(rows, embed[0]):
-                module.quantize_weight_(name, embed[1], transposed, full)
+                module.quantize_weight_(name, embed[1], full)
                 continue
             matrix = QuantizedMatrix.quantize(rows.float(), fmt)
-            module.quantize_weight_(name, matrix, transposed, full)
+            module.quantize_weight_(name, matrix, full)
             if full == "embed.W_E":
                 embed = rows, matrix
         self._fingerprint = None

@@ -58,6 +58,7 @@ class Attention(Quantizable):
     """
 
     hook_result: HookPoint  # declared by set_use_attn_result only while it is on
+    block_matrices = ("W_QKV", "W_O_flat")
 
     def __init__(self, cfg: ModelConfig, layer_idx: int = 0) -> None:
         super().__init__()

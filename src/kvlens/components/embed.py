@@ -21,12 +21,15 @@ class Embed(Quantizable):
         W_E: ``[d_vocab, d_model]``.
     """
 
+    block_matrices = ("W_E",)
+    blocks_transposed = False
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.W_E = nn.Parameter(torch.empty(cfg.d_vocab, cfg.d_model, dtype=cfg.dtype))
 
     def forward(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_model"]:
-        held = self.quantized_weights.get("W_E")
-        if held is None:
+        if "W_E" not in self._quantized:
             return F.embedding(tokens, self.W_E)
-        return held.rows(tokens.reshape(-1)).view(*tokens.shape, held.d_in)
+        blocks = self._matrix("W_E")
+        return blocks.rows(tokens.reshape(-1)).view(*tokens.shape, blocks.d_in)

@@ -44,6 +44,8 @@ class MLP(Quantizable):
         b_in: ``[d_mlp]`` and ``b_out``: ``[d_model]``, when ``cfg.mlp_bias`` (else ``None``).
     """
 
+    block_matrices = ("W_in", "W_out")
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         d_mlp = cfg.d_mlp_resolved
@@ -92,6 +94,8 @@ class GatedMLP(Quantizable):
         b_gate_in: ``[2 * d_mlp]`` and ``b_out``: ``[d_model]``, when ``cfg.mlp_bias`` (else
             ``None``; ``b_in``, a view of ``b_gate_in``, is then zeros, as in TransformerLens).
     """
+
+    block_matrices = ("W_gate_in", "W_out")
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()

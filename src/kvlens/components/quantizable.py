@@ -127,16 +127,15 @@ def _shares_storage(a: Tensor, b: Tensor) -> bool:
 class QuantizedWeight:
     """How a module's buffer ``<name>_blocks`` reads as its parameter ``name``.
 
-    ``transposed``: the parameter is the blocks' dequantization transposed (a projection,
-    kvlens's ``[in, out]`` beside the blocks' ``[out, in]``), else the dequantization itself (the
-    embedding, one block row per token). The buffer is the one place the blocks are held: a
-    :class:`QuantizedMatrix` is made from it at each use, so ``load_state_dict`` (in place or
-    ``assign=True``) and moves reach every product.
+    The parameter is the blocks' dequantization, transposed where the module's
+    ``blocks_transposed`` says so (a projection: kvlens's ``[in, out]`` beside the blocks'
+    ``[out, in]``; not the embedding, one block row per token). The buffer is the one place the
+    blocks are held: a :class:`QuantizedMatrix` is made from it at each use, so
+    ``load_state_dict`` (in place or ``assign=True``) and moves reach every product.
     """
 
     fmt: str
     d_in: int
-    transposed: bool
     what: str
 
 
@@ -144,6 +143,10 @@ class Quantizable(WatchedModule):
     """A kvlens module whose matrix parameters may be replaced by quantized blocks."""
 
     _quantized: dict[str, QuantizedWeight]
+    block_matrices: tuple[str, ...] = ()
+    """The matrix parameters this kind of module may hold as blocks."""
+    blocks_transposed = True
+    """Its blocks are ``[out, in]`` of its ``[in, out]`` parameters (not so for the embedding)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -158,8 +161,8 @@ class Quantizable(WatchedModule):
 
     def _read(self, name: str) -> ReadOnlyWeight:
         dense = self._matrix(name).dequantize()
-        held = self._quantized[name]
-        return ReadOnlyWeight.of(dense.T.contiguous() if held.transposed else dense, held.what)
+        as_param = dense.T.contiguous() if self.blocks_transposed else dense
+        return ReadOnlyWeight.of(as_param, self._quantized[name].what)
 
     def stored_weight(self, name: str) -> Tensor | QuantizedMatrix:
         """The weight as it is held: the fp32 parameter, or its :class:`QuantizedMatrix`
@@ -184,38 +187,35 @@ class Quantizable(WatchedModule):
         """This module's quantized matrices by parameter name (empty for an fp32 module)."""
         return {name: self._matrix(name) for name in self._quantized}
 
-    def quantize_weight_(
-        self, name: str, matrix: QuantizedMatrix, transposed: bool = True, what: str = ""
-    ) -> None:
+    def quantize_weight_(self, name: str, matrix: QuantizedMatrix, what: str = "") -> None:
         """Hold parameter ``name`` as ``matrix`` from now on (its fp32 parameter is dropped).
 
         Args:
             name: The parameter, e.g. ``"W_QKV"``.
-            matrix: Blocks whose dequantization is the new weight.
-            transposed: ``matrix`` is ``[out, in]`` of the ``[in, out]`` parameter (else the
-                parameter itself, an embedding).
+            matrix: Blocks whose dequantization is the new weight (transposed where
+                ``blocks_transposed``: ``[out, in]`` of an ``[in, out]`` parameter).
             what: The weight's name in the model, for error messages.
         """
         param = self._parameters.get(name)
         if param is None:
             raise ValueError(f"{type(self).__name__} has no fp32 parameter {name!r} to quantize")
-        shape = tuple(matrix.shape[::-1]) if transposed else tuple(matrix.shape)
+        shape = tuple(matrix.shape[::-1]) if self.blocks_transposed else tuple(matrix.shape)
         if tuple(param.shape) != shape:
             raise ValueError(
                 f"{what or name}: blocks read as {shape}, the parameter is {tuple(param.shape)}"
             )
         del self._parameters[name]
         self.register_buffer(f"{name}_blocks", matrix.blocks)
-        self._quantized[name] = QuantizedWeight(matrix.fmt, matrix.d_in, transposed, what or name)
+        self._quantized[name] = QuantizedWeight(matrix.fmt, matrix.d_in, what or name)
         structure.changed()
 
     def dequantize_weight_(self, name: str) -> None:
         """Make quantized ``name`` an fp32 parameter again (its exact dequantization)."""
         dense = self._matrix(name).dequantize()
-        held = self._quantized.pop(name)
+        del self._quantized[name]
         del self._buffers[f"{name}_blocks"]
         nn.Module.__setattr__(
-            self, name, nn.Parameter(dense.T.contiguous() if held.transposed else dense)
+            self, name, nn.Parameter(dense.T.contiguous() if self.blocks_transposed else dense)
         )
         structure.changed()
 

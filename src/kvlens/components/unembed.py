@@ -29,6 +29,8 @@ class Unembed(Quantizable):
         soft_cap: ``c``, or ``None``.
     """
 
+    block_matrices = ("W_U",)
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.W_U = nn.Parameter(torch.empty(cfg.d_model, cfg.d_vocab, dtype=cfg.dtype))

@@ -11,7 +11,6 @@ hook is attached to the block: hooks need the activations, which this call never
 from __future__ import annotations
 
 import ctypes
-import threading
 from typing import TYPE_CHECKING, NamedTuple, Union
 
 import torch
@@ -25,7 +24,6 @@ if TYPE_CHECKING:
     from kvlens.quantized import QuantizedMatrix
 
 _F32 = torch.float32
-_local = threading.local()  # one argument struct per thread: ctypes releases the GIL
 
 
 class _Layer(ctypes.Structure):
@@ -170,7 +168,7 @@ class PreparedLayer(NamedTuple):
     n_heads: int
     tensors: tuple[Tensor, ...]  # every weight tensor (a quantized matrix's blocks)
     layouts: tuple[tuple[int, tuple[int, ...], tuple[int, ...], torch.dtype], ...]
-    fields: dict[str, float | int | None]  # the kvlens_layer fields fixed by the weights
+    template: bytes  # a kvlens_layer with the fields the weights fix filled in
 
     def current(self) -> bool:
         """The weights are as they were (address, shape, strides, dtype: a ``.data`` swap
@@ -249,8 +247,11 @@ def prepare_layer(
         "b_qkv": _address(w.b_qkv), "b_o": _address(w.b_o),
         "b_in": _address(w.b_in), "b_out": _address(w.b_out),
     }  # fmt: skip
+    template = _Layer()
+    for name, value in fields.items():
+        setattr(template, name, value)
     layouts = tuple(_layout(t) for t in tensors)
-    return PreparedLayer(d_model, n_kv, d_head, n_heads, tensors, layouts, fields)
+    return PreparedLayer(d_model, n_kv, d_head, n_heads, tensors, layouts, bytes(template))
 
 
 def decode_layer(
@@ -320,9 +321,7 @@ def decode_layer(
         or not mask.is_cpu
     ):
         return None
-    layer = getattr(_local, "layer", None)
-    if layer is None:
-        layer = _local.layer = _Layer()
+    layer = _Layer.from_buffer_copy(prepared.template)  # this call's own: ctypes drops the GIL
     half, cos_row = 0, 0
     if rotary is not None:
         cos, sin, adjacent = rotary
@@ -335,8 +334,6 @@ def decode_layer(
         layer.cos, layer.sin, layer.adjacent = cos.data_ptr(), sin.data_ptr(), int(adjacent)
     else:
         layer.cos = layer.sin = None
-    for name, value in prepared.fields.items():
-        setattr(layer, name, value)
     out = torch.empty((batch, 1, d_model), dtype=_F32)
     # The kernel sees the storage from position `first` on: it writes the new key at its
     # position `pos - first` (absolute `pos`) and attends to its positions 0..pos - first.
